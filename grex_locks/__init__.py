@@ -1,0 +1,55 @@
+"""grex_locks: grex's five-tier file locks, thread- and process-safe, with diagnostics.
+
+The public API; see ``API.md`` for the contract. This module holds no logic.
+"""
+
+from loguru import logger
+
+from . import forking
+from .errors import (
+    LockBusy,
+    LockCancelled,
+    LockError,
+    LockIOError,
+    LockTimeout,
+    TierViolation,
+    WorkspaceBusy,
+)
+from .locks import (
+    BACKEND_LOCK_SUFFIX,
+    MANIFEST_LOCK_FILE_NAME,
+    PACK_LOCK_FILE_NAME,
+    SYNC_LOCK_FILE_NAME,
+    BackendLock,
+    ManifestLock,
+    PackLock,
+    WorkspaceLock,
+)
+from .owner_record import OWNER_SUFFIX
+from .tiers import Tier, set_tier_check
+
+# A library must not print into its users' programs: logging stays off until
+# the application (or the grex-locks command line) enables "grex_locks".
+logger.disable("grex_locks")
+forking.install()
+
+__all__ = [
+    "BACKEND_LOCK_SUFFIX",
+    "MANIFEST_LOCK_FILE_NAME",
+    "OWNER_SUFFIX",
+    "PACK_LOCK_FILE_NAME",
+    "SYNC_LOCK_FILE_NAME",
+    "BackendLock",
+    "LockBusy",
+    "LockCancelled",
+    "LockError",
+    "LockIOError",
+    "LockTimeout",
+    "ManifestLock",
+    "PackLock",
+    "Tier",
+    "TierViolation",
+    "WorkspaceBusy",
+    "WorkspaceLock",
+    "set_tier_check",
+]

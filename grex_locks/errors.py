@@ -1,0 +1,135 @@
+"""The exceptions grex_locks raises: one tree, every member picklable.
+
+Each error's ``str()`` is a sentence a person can act on: which lock, and,
+when it is known, who holds it and for how long. Errors cross process
+boundaries (``concurrent.futures`` pickles a worker's exception), so each
+class rebuilds itself from its constructor arguments in ``__reduce__``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .diagnosis import Diagnosis
+    from .tiers import Tier
+
+
+def _holder_clause(holder: Diagnosis | None) -> str:
+    if holder is None:
+        return ""
+    summary = holder.holder_summary()
+    return f": {summary}" if summary else ""
+
+
+class LockError(Exception):
+    """Base of every grex_locks error; ``.path`` names the lock file."""
+
+    def __init__(self, path: Path | str | None, message: str = "") -> None:
+        self.path = Path(path) if path is not None else None
+        self.message = message
+        super().__init__(message or f"lock error on {self.path}")
+
+    def __str__(self) -> str:
+        return self.message or f"lock error on {self.path}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.message))
+
+
+class LockBusy(LockError):
+    """A lock could not be taken without waiting: someone holds it.
+
+    Raised by ``try_acquire()`` when another holder has the lock, and by every
+    acquire when the calling thread already holds the lock (re-entry would
+    otherwise deadlock). ``.holder`` is a :class:`Diagnosis` of the lock at the
+    moment of the failure, or ``None`` when none could be made.
+    """
+
+    def __init__(
+        self,
+        path: Path | str | None,
+        message: str = "",
+        holder: Diagnosis | None = None,
+    ) -> None:
+        self.holder = holder
+        super().__init__(path, message or f"{path} is busy{_holder_clause(holder)}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.message, self.holder))
+
+
+class WorkspaceBusy(LockBusy):
+    """A workspace sync lock is held: two syncs on one workspace are an error."""
+
+
+class LockTimeout(LockError, TimeoutError):
+    """``timeout=`` ran out before the lock was granted.
+
+    ``.waited`` is how many seconds the caller waited; ``.holder`` is a
+    :class:`Diagnosis` of the lock when the wait ended.
+    """
+
+    def __init__(
+        self,
+        path: Path | str | None,
+        message: str = "",
+        holder: Diagnosis | None = None,
+        waited: float = 0.0,
+    ) -> None:
+        self.holder = holder
+        self.waited = waited
+        super().__init__(
+            path,
+            message or f"timed out after {waited:.3f} s waiting for {path}{_holder_clause(holder)}",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.message, self.holder, self.waited))
+
+
+class LockCancelled(LockError):
+    """The ``cancel=`` event was set before the lock was granted."""
+
+
+class TierViolation(LockError):
+    """A thread asked for a tier at or below one it already holds.
+
+    ``.held`` is the highest tier the thread holds, ``.requested`` the one it
+    asked for. Taking locks in one global order is what rules out deadlock,
+    so this is raised before any waiting.
+    """
+
+    def __init__(
+        self,
+        path: Path | str | None,
+        held: Tier,
+        requested: Tier,
+        message: str = "",
+    ) -> None:
+        self.held = held
+        self.requested = requested
+        super().__init__(
+            path,
+            message
+            or (
+                f"lock order violated: {requested.name} (tier {int(requested)}) requested for "
+                f"{path} while this thread holds {held.name} (tier {int(held)}); take locks "
+                "outer to inner (WORKSPACE_SYNC, SEMAPHORE, PER_PACK, BACKEND, MANIFEST), "
+                "and several of one tier together with acquire_all()"
+            ),
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.held, self.requested, self.message))
+
+
+class LockIOError(LockError):
+    """The operating system refused to open or lock the lock file.
+
+    The ``OSError`` is the ``__cause__``; ``.path`` is the lock file.
+    """
+
+    def __init__(self, path: Path | str | None, message: str = "") -> None:
+        super().__init__(path, message or f"cannot use lock file {path}")

@@ -1,0 +1,120 @@
+"""Opening lock files safely, and knowing which file a descriptor names.
+
+A lock file is opened once per lock object, created if missing, never
+truncated, never deleted, never followed through a symlink planted at its
+own path, and never inherited across ``exec`` by accident. Every descriptor
+opened here is tracked so that a forked child can close them all without
+unlocking (see :mod:`grex_locks.forking`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from .errors import LockIOError
+
+#: (st_dev, st_ino): what makes two spellings of a path the same lock.
+FileKey = tuple[int, int]
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# flock needs no write access, so a read-only open lets anyone who can read a
+# shared lock file take the lock; O_NONBLOCK keeps a FIFO planted at the path
+# from hanging the open (it is refused just below, as not a regular file).
+
+#: Descriptors this process opened for locks; a forked child closes them all.
+open_descriptors: set[int] = set()
+
+
+def _refusal(path: Path, exc: OSError) -> LockIOError:
+    if exc.errno == errno.ELOOP:
+        reason = "a symlink sits at the lock file's path and lock files are never followed"
+    elif exc.errno == errno.EISDIR:
+        reason = "a directory sits where the lock file should be"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    elif exc.errno == errno.EROFS:
+        reason = "the file system is read-only"
+    elif exc.errno in (errno.EMFILE, errno.ENFILE):
+        reason = "out of file descriptors"
+    else:
+        reason = exc.strerror or str(exc)
+    return LockIOError(path, f"cannot open lock file {path}: {reason}")
+
+
+def open_lock_file(path: Path, *, make_parents: bool = True) -> int:
+    """Open (creating if needed) the lock file at ``path``; return the descriptor.
+
+    Raises :class:`LockIOError` (with the ``OSError`` as its cause) when the
+    OS refuses, when a symlink or directory sits at ``path``, or when ``path``
+    is anything but a regular file.
+    """
+    try:
+        if make_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, _OPEN_FLAGS, 0o666)
+    except OSError as exc:
+        raise _refusal(path, exc) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise _refusal(path, exc) from exc
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise LockIOError(path, f"cannot use {path} as a lock file: it is not a regular file")
+    open_descriptors.add(fd)
+    return fd
+
+
+def reopen(fd: int, path: Path) -> int:
+    """Open a new, independent open file description of the file behind ``fd``.
+
+    flock belongs to the open file description, so a waiter that may be
+    abandoned must wait on a description of its own: otherwise its eventual
+    unlock would free a later holder's lock. Opening ``/proc/self/fd/N``
+    reaches the very inode ``fd`` names even if the path has been swapped
+    since; without ``/proc`` the path is reopened and checked to be the same
+    file.
+    """
+    try:
+        try:
+            new = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            new = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            if file_key(new) != file_key(fd):
+                os.close(new)
+                raise LockIOError(path, f"lock file {path} was replaced while in use") from None
+    except OSError as exc:
+        raise _refusal(path, exc) from exc
+    open_descriptors.add(new)
+    return new
+
+
+def close(fd: int) -> None:
+    """Close a lock descriptor opened here (closing never unlocks a shared description)."""
+    open_descriptors.discard(fd)
+    os.close(fd)
+
+
+def file_key(fd: int) -> FileKey:
+    """The identity of the file behind ``fd``: ``(st_dev, st_ino)``."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def close_all_inherited() -> None:
+    """In a forked child: close every lock descriptor without unlocking.
+
+    An unlock from the child would free the parent's lock (the description is
+    shared); a plain close only drops the child's reference, so the lock is
+    freed when the parent lets go or dies, even while the child lives on.
+    """
+    for fd in list(open_descriptors):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    open_descriptors.clear()

@@ -1,0 +1,181 @@
+"""The four file locks of grex, each a configuration of the one primitive.
+
+They differ only in where the lock file lives, their tier, whether they
+wait, and whether they can be shared; everything else — gate, flock, owner
+record, tier check, fork safety, pickling — is :class:`_FileLock`'s, once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar
+
+from .errors import LockBusy, WorkspaceBusy
+from .primitive import Hold, LockCore
+from .tiers import Tier
+from .waiting import CancelEvent, deadline_after
+
+PACK_LOCK_FILE_NAME = ".grex-lock"
+SYNC_LOCK_FILE_NAME = ".grex.sync.lock"
+BACKEND_LOCK_SUFFIX = ".grex-backend.lock"
+MANIFEST_LOCK_FILE_NAME = ".grex.lock"
+
+StrPath = str | os.PathLike[str]
+
+
+class _FileLock:
+    """A grex lock on one file: threads and processes exclude each other.
+
+    Subclasses set the class attributes and :meth:`_lock_file`; nothing else.
+    """
+
+    _tier: ClassVar[Tier]
+    _kind: ClassVar[str]
+    _busy_error: ClassVar[type[LockBusy]] = LockBusy
+    _waits: ClassVar[bool] = True
+
+    def __init__(self, target: StrPath) -> None:
+        self._target = Path(target).absolute()
+        self._core = LockCore(
+            self._lock_file(self._target),
+            tier=self._tier,
+            kind=self._kind,
+            busy_error=self._busy_error,
+        )
+
+    @staticmethod
+    def _lock_file(target: Path) -> Path:
+        raise NotImplementedError
+
+    @property
+    def path(self) -> Path:
+        """The lock file, as an absolute path."""
+        return self._core.path
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._core.held
+
+    def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
+        """Block until the lock is held; return a context manager that releases it.
+
+        ``timeout`` (seconds; 0 means one try) raises :class:`LockTimeout` when
+        it runs out; setting ``cancel`` raises :class:`LockCancelled` promptly,
+        even while another process holds the lock.
+        """
+        deadline = deadline_after(timeout)
+        return self._core.acquire(wait=self._waits, deadline=deadline, cancel=cancel)
+
+    def try_acquire(self) -> Hold:
+        """Take the lock if it is free right now; raise :class:`LockBusy` otherwise."""
+        return self._core.acquire(wait=False)
+
+    def release(self) -> None:
+        """Release the lock this thread took through this object."""
+        self._core.release_hold()
+
+    def _held_descriptor(self) -> int:
+        """The descriptor whose open file description holds the OS lock (for ``run``)."""
+        hold = self._core.hold_of_current_thread()
+        if hold is None:
+            raise RuntimeError(f"{self._kind} {self.path} is not held by this thread")
+        return hold.fd
+
+    def __enter__(self) -> _FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A lock travels as its constructor argument, never as a held lock.
+        return (type(self), (self._target,))
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "free"
+        return f"{type(self).__name__}({str(self._target)!r}) <{state}>"
+
+
+class PackLock(_FileLock):
+    """Exclusive lock on one pack, ``<pack>/.grex-lock`` (tier ``PER_PACK``)."""
+
+    _tier = Tier.PER_PACK
+    _kind = "pack lock"
+
+    @staticmethod
+    def _lock_file(target: Path) -> Path:
+        return target / PACK_LOCK_FILE_NAME
+
+
+class WorkspaceLock(_FileLock):
+    """Workspace sync lock, ``<workspace>/.grex.sync.lock``; never waits.
+
+    Two syncs on one workspace are an error, not a queue: every way of taking
+    it raises :class:`WorkspaceBusy` at once while it is held. ``acquire``
+    accepts ``timeout`` and ``cancel`` for uniformity and ignores them.
+    """
+
+    _tier = Tier.WORKSPACE_SYNC
+    _kind = "workspace sync lock"
+    _busy_error = WorkspaceBusy
+    _waits = False
+
+    @staticmethod
+    def _lock_file(target: Path) -> Path:
+        return target / SYNC_LOCK_FILE_NAME
+
+    def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
+        """Take the workspace lock now or raise :class:`WorkspaceBusy`."""
+        del timeout, cancel
+        return self._core.acquire(wait=False)
+
+
+class BackendLock(_FileLock):
+    """Lock on one repository checkout, ``<dest>.grex-backend.lock`` beside ``<dest>``.
+
+    The lock file is a sibling of ``dest``, so wiping and re-cloning ``dest``
+    while it is held changes nothing about the lock.
+    """
+
+    _tier = Tier.BACKEND
+    _kind = "backend lock"
+
+    @staticmethod
+    def _lock_file(target: Path) -> Path:
+        return target.with_name(target.name + BACKEND_LOCK_SUFFIX)
+
+
+class ManifestLock(_FileLock):
+    """Readers-writer lock on a manifest (tier ``MANIFEST``), at any path.
+
+    ``read()`` shares with readers in every thread and process; ``write()``,
+    ``with``, ``acquire`` and ``try_acquire`` exclude everyone. Within one
+    process waiters are served in arrival order, so a writer is never starved
+    by a stream of readers. Across processes ``flock`` promises no order: a
+    writer in one process can be overtaken by readers in others for as long
+    as some reader always holds the lock.
+    """
+
+    _tier = Tier.MANIFEST
+    _kind = "manifest lock"
+
+    @staticmethod
+    def _lock_file(target: Path) -> Path:
+        return target
+
+    def read(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
+        """Hold the lock shared (no owner record) until the returned context exits."""
+        return self._core.acquire(shared=True, deadline=deadline_after(timeout), cancel=cancel)
+
+    def write(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
+        """Hold the lock exclusively until the returned context exits."""
+        return self.acquire(timeout=timeout, cancel=cancel)

@@ -1,0 +1,250 @@
+"""The owner record: who holds a lock, written beside it as ``<lock>.owner``.
+
+The record is information, never authority: the kernel decides who holds a
+lock, and diagnostics check the record against the kernel. Writing goes
+through a private temporary file renamed over the record path, so a reader
+sees the old record or the new one, never half of either, and a symlink
+planted at the record path is replaced rather than written through. A
+holder clears the record *before* it unlocks: clearing after unlocking could
+erase the record of the next holder.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from loguru import logger
+
+from .errors import LockIOError
+from .tiers import Tier
+
+OWNER_SUFFIX = ".owner"
+#: Diagnostics read at most this much of a record; anything larger is garbage.
+MAX_RECORD_BYTES = 64 * 1024
+
+_counter = itertools.count()
+
+
+def record_path(lock_path: Path) -> Path:
+    """The owner record's path for ``lock_path``."""
+    return lock_path.with_name(lock_path.name + OWNER_SUFFIX)
+
+
+class _ProcessFacts:
+    """Facts about this process that every record repeats, computed once per pid."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        try:
+            self.create_time = psutil.Process(self.pid).create_time()
+        except psutil.Error:
+            self.create_time = 0.0
+        self.hostname = socket.gethostname()
+        self.argv = list(sys.argv)
+        # The fixed part of every record of this process, encoded once: an
+        # uncontended acquire should not pay for re-encoding argv.
+        fixed = json.dumps(
+            {
+                "pid": self.pid,
+                "create_time": self.create_time,
+                "hostname": self.hostname,
+                "argv": self.argv,
+            },
+            separators=(",", ":"),
+        )
+        self.fixed_json = fixed[1:-1]
+
+
+_facts: _ProcessFacts | None = None
+
+
+def process_facts() -> _ProcessFacts:
+    """This process's pid, start time and host, refreshed after a fork."""
+    global _facts  # noqa: PLW0603 - a per-process cache, checked against the pid
+    facts = _facts
+    if facts is None or facts.pid != os.getpid():
+        facts = _facts = _ProcessFacts()
+    return facts
+
+
+def build_record(tier: Tier) -> dict[str, Any]:
+    """The record for the calling thread taking a lock of ``tier`` now."""
+    parsed: dict[str, Any] = json.loads(_encode(tier))
+    return parsed
+
+
+def _encode(tier: Tier) -> bytes:
+    facts = process_facts()
+    thread = json.dumps(threading.current_thread().name)
+    return (
+        f'{{{facts.fixed_json},"thread":{thread},"tier":{int(tier)},'
+        f'"acquired_at":{time.time()!r}}}'
+    ).encode()
+
+
+@dataclass(frozen=True)
+class WrittenRecord:
+    """A record this thread wrote and still has open, so that it can clear exactly that."""
+
+    path: Path
+    fd: int
+
+
+def write_record(target: Path, tier: Tier) -> WrittenRecord:
+    """Place this thread's owner record at ``target`` so readers never see half of it.
+
+    The fast path writes into the empty record file a previous holder left,
+    in one ``write`` (readers see the empty file or the whole record), but
+    only if that file is a plain regular file of ours with one link: never
+    through a symlink, never into a hard link planted to another file.
+    Anything else — no file, a stale record, a symlink, a stranger's file —
+    is replaced by renaming a fresh private file over it. Raises
+    :class:`LockIOError` when the directory refuses.
+    """
+    data = _encode(tier)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return _replace_record(target, data)
+    try:
+        st = os.fstat(fd)
+        reusable = (
+            stat.S_ISREG(st.st_mode)
+            and st.st_nlink == 1
+            and st.st_uid == os.geteuid()
+            and st.st_size == 0
+        )
+        if reusable:
+            os.write(fd, data)
+            return WrittenRecord(target, fd)
+    except OSError:
+        pass
+    os.close(fd)
+    return _replace_record(target, data)
+
+
+def _replace_record(target: Path, data: bytes) -> WrittenRecord:
+    _note_stale(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{next(_counter)}.tmp")
+    fd = -1
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        os.write(fd, data)
+        # rename replaces whatever sits at the record path (a symlink
+        # included) instead of writing through it.
+        os.rename(tmp, target)
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise LockIOError(
+            target, f"cannot write the owner record {target}: {exc.strerror or exc}"
+        ) from exc
+    return WrittenRecord(target, fd)
+
+
+def _note_stale(target: Path) -> None:
+    # A non-empty record found while we hold the lock was left by a holder
+    # that died; it is about to be replaced, which is worth a line.
+    try:
+        st = os.lstat(target)
+    except OSError:
+        return
+    if st.st_size:
+        logger.info("replacing stale owner record {} ({} bytes)", target, st.st_size)
+
+
+def clear_record(written: WrittenRecord) -> None:
+    """Empty the record we wrote (through our own descriptor) and close it.
+
+    Emptying our own inode is always safe: if someone has since replaced the
+    file at the record path, theirs is left alone. The empty file stays for
+    the next holder's fast path.
+    """
+    try:
+        os.ftruncate(written.fd, 0)
+    except OSError as exc:
+        logger.warning("cannot clear owner record {}: {}", written.path, exc)
+    finally:
+        os.close(written.fd)
+
+
+class RecordStatus(enum.Enum):
+    """What sat at a record path when it was read."""
+
+    MISSING = "missing"
+    EMPTY = "empty"
+    VALID = "valid"
+    UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True)
+class RecordRead:
+    """The outcome of reading a record: its status, the parsed dict, and why not."""
+
+    status: RecordStatus
+    owner: dict[str, Any] | None = None
+    problem: str = ""
+
+
+def parse_record(data: bytes) -> RecordRead:
+    """Parse record bytes; anything but a JSON object with int pid and numeric create_time is unreadable."""
+    if not data.strip():
+        return RecordRead(RecordStatus.EMPTY)
+    try:
+        owner = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return RecordRead(RecordStatus.UNREADABLE, problem="not JSON")
+    if not isinstance(owner, dict):
+        return RecordRead(RecordStatus.UNREADABLE, problem="not a JSON object")
+    pid = owner.get("pid")
+    created = owner.get("create_time")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return RecordRead(RecordStatus.UNREADABLE, owner, "no integer pid")
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        return RecordRead(RecordStatus.UNREADABLE, owner, "no numeric create_time")
+    return RecordRead(RecordStatus.VALID, owner)
+
+
+def read_record(lock_path: Path) -> RecordRead:
+    """Read the owner record of ``lock_path`` without trusting it or changing anything.
+
+    Only a regular file is read (never through a symlink, never a FIFO or a
+    device), and at most :data:`MAX_RECORD_BYTES` of it. Never raises.
+    """
+    target = record_path(lock_path)
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return RecordRead(RecordStatus.MISSING)
+    except OSError as exc:
+        return RecordRead(RecordStatus.UNREADABLE, problem=exc.strerror or str(exc))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return RecordRead(RecordStatus.UNREADABLE, problem="not a regular file")
+        if st.st_size > MAX_RECORD_BYTES:
+            return RecordRead(RecordStatus.UNREADABLE, problem=f"too large ({st.st_size} bytes)")
+        data = os.read(fd, MAX_RECORD_BYTES + 1)
+    except OSError as exc:
+        return RecordRead(RecordStatus.UNREADABLE, problem=exc.strerror or str(exc))
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECORD_BYTES:
+        return RecordRead(RecordStatus.UNREADABLE, problem="too large")
+    return parse_record(data)

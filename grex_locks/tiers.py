@@ -1,0 +1,120 @@
+"""The fixed acquisition order of grex's five locks, checked before any wait.
+
+Every thread (and every asyncio task) keeps a stack of the tiers it holds in
+a :class:`contextvars.ContextVar`: threads start with an empty context, and
+asyncio tasks copy their creator's, so one mechanism serves both. Because
+the stack is an immutable tuple, a task that copies it cannot disturb the
+stack it was copied from.
+
+Acquiring a tier that is not strictly greater than every tier held is the
+only way to build a wait-for cycle out of these locks, so refusing it before
+waiting is the whole deadlock argument.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import os
+from pathlib import Path
+from typing import Literal
+
+from loguru import logger
+
+from .errors import TierViolation
+from .undo import Undo
+
+TierCheckMode = Literal["raise", "warn", "off"]
+_MODES: tuple[TierCheckMode, ...] = ("raise", "warn", "off")
+ENV_VAR = "GREX_LOCKS_TIER_CHECK"
+
+
+class Tier(enum.IntEnum):
+    """The five lock tiers, outermost first; acquire in increasing order."""
+
+    WORKSPACE_SYNC = 0
+    SEMAPHORE = 1
+    PER_PACK = 2
+    BACKEND = 3
+    MANIFEST = 4
+
+
+_held: contextvars.ContextVar[tuple[Tier, ...]] = contextvars.ContextVar(
+    "grex_locks_held_tiers", default=()
+)
+
+
+def _mode_from_env() -> TierCheckMode:
+    raw = os.environ.get(ENV_VAR)
+    if raw is None or raw == "":
+        return "raise"
+    value = raw.strip().lower()
+    for mode in _MODES:
+        if value == mode:
+            return mode
+    logger.warning("{}={!r} is not one of raise, warn, off; keeping 'raise'", ENV_VAR, raw)
+    return "raise"
+
+
+_mode: TierCheckMode = _mode_from_env()
+
+
+def set_tier_check(mode: TierCheckMode) -> None:
+    """Choose what a broken lock order does: ``"raise"``, ``"warn"`` or ``"off"``.
+
+    Overrides ``GREX_LOCKS_TIER_CHECK``. Same-thread re-entry on a held lock is
+    refused in every mode; this only governs the order between different locks.
+    """
+    global _mode  # noqa: PLW0603 - one process-wide setting, like logging levels
+    if mode not in _MODES:
+        raise ValueError(f"tier check mode must be one of {', '.join(_MODES)}, not {mode!r}")
+    _mode = mode
+
+
+def tier_check_mode() -> TierCheckMode:
+    """The tier check mode in force."""
+    return _mode
+
+
+def held_tiers() -> tuple[Tier, ...]:
+    """The tiers the calling thread or task holds, in acquisition order."""
+    return _held.get()
+
+
+def enter_tier(stack: Undo, tier: Tier, path: Path | None) -> None:
+    """Check ``tier`` against what this thread holds and push it onto ``stack``.
+
+    Raises :class:`TierViolation` in ``"raise"`` mode. The matching pop is
+    registered on ``stack`` so that unwinding an acquire (or releasing the
+    hold) drops exactly this entry.
+    """
+    held = _held.get()
+    if held and _mode != "off":
+        top = max(held)
+        if tier <= top:
+            if _mode == "raise":
+                raise TierViolation(path, held=top, requested=tier)
+            logger.error(
+                "lock order violated: {} requested for {} while holding {}",
+                tier.name,
+                path,
+                top.name,
+            )
+    _held.set((*held, tier))
+    stack.callback(_pop_tier, tier)
+
+
+def _pop_tier(tier: Tier) -> None:
+    held = _held.get()
+    # Remove the most recent entry for this tier: releases may come in any
+    # order when a caller mixes ``release()`` and ``with`` blocks.
+    for index in range(len(held) - 1, -1, -1):
+        if held[index] == tier:
+            _held.set(held[:index] + held[index + 1 :])
+            return
+
+
+def reset_after_fork() -> None:
+    """Forget every tier held: a forked child holds no locks."""
+    _held.set(())
+
