@@ -15,6 +15,7 @@ from .errors import (
     TierViolation,
     WorkspaceBusy,
 )
+from .group import HeldGroup, acquire_all
 from .locks import (
     BACKEND_LOCK_SUFFIX,
     MANIFEST_LOCK_FILE_NAME,
@@ -26,6 +27,7 @@ from .locks import (
     WorkspaceLock,
 )
 from .owner_record import OWNER_SUFFIX
+from .scheduler import Permit, Scheduler
 from .tiers import Tier, set_tier_check
 
 # A library must not print into its users' programs: logging stays off until
@@ -40,6 +42,7 @@ __all__ = [
     "PACK_LOCK_FILE_NAME",
     "SYNC_LOCK_FILE_NAME",
     "BackendLock",
+    "HeldGroup",
     "LockBusy",
     "LockCancelled",
     "LockError",
@@ -47,9 +50,12 @@ __all__ = [
     "LockTimeout",
     "ManifestLock",
     "PackLock",
+    "Permit",
+    "Scheduler",
     "Tier",
     "TierViolation",
     "WorkspaceBusy",
     "WorkspaceLock",
+    "acquire_all",
     "set_tier_check",
 ]

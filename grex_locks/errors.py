@@ -114,8 +114,9 @@ class TierViolation(LockError):
             path,
             message
             or (
-                f"lock order violated: {requested.name} (tier {int(requested)}) requested for "
-                f"{path} while this thread holds {held.name} (tier {int(held)}); take locks "
+                f"lock order violated: {requested.name} (tier {int(requested)}) requested"
+                f"{f' for {path}' if path is not None else ''} while this thread holds "
+                f"{held.name} (tier {int(held)}); take locks "
                 "outer to inner (WORKSPACE_SYNC, SEMAPHORE, PER_PACK, BACKEND, MANIFEST), "
                 "and several of one tier together with acquire_all()"
             ),

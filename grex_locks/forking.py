@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import gate, lockfile, primitive, tiers
+from . import gate, lockfile, primitive, scheduler, tiers
 
 _after_fork_hooks: list[object] = []
 
@@ -23,6 +23,7 @@ def _after_fork_in_child() -> None:
     gate.reset_after_fork()
     tiers.reset_after_fork()
     primitive.forget_all_after_fork()
+    scheduler.reset_all_after_fork()
 
 
 def install() -> None:

@@ -79,7 +79,7 @@ class GateOutcome:
     CANCELLED = "cancelled"
 
 
-class NotAdmitted(Exception):  # noqa: N818 - an internal signal, not a public error
+class NotAdmitted(Exception):
     """Raised by :func:`enter`; the caller turns ``outcome`` into a public error."""
 
     def __init__(self, outcome: str) -> None:

@@ -9,6 +9,7 @@ unlocking (see :mod:`grex_locks.forking`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -113,8 +114,6 @@ def close_all_inherited() -> None:
     freed when the parent lets go or dies, even while the child lives on.
     """
     for fd in list(open_descriptors):
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     open_descriptors.clear()

@@ -11,6 +11,7 @@ erase the record of the next holder.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import json
@@ -89,8 +90,7 @@ def _encode(tier: Tier) -> bytes:
     facts = process_facts()
     thread = json.dumps(threading.current_thread().name)
     return (
-        f'{{{facts.fixed_json},"thread":{thread},"tier":{int(tier)},'
-        f'"acquired_at":{time.time()!r}}}'
+        f'{{{facts.fixed_json},"thread":{thread},"tier":{int(tier)},"acquired_at":{time.time()!r}}}'
     ).encode()
 
 
@@ -148,10 +148,8 @@ def _replace_record(target: Path, data: bytes) -> WrittenRecord:
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
         raise LockIOError(
             target, f"cannot write the owner record {target}: {exc.strerror or exc}"
         ) from exc
@@ -203,7 +201,7 @@ class RecordRead:
 
 
 def parse_record(data: bytes) -> RecordRead:
-    """Parse record bytes; anything but a JSON object with int pid and numeric create_time is unreadable."""
+    """Parse record bytes: a JSON object with int pid and numeric create_time, or unreadable."""
     if not data.strip():
         return RecordRead(RecordStatus.EMPTY)
     try:
@@ -221,7 +219,7 @@ def parse_record(data: bytes) -> RecordRead:
     return RecordRead(RecordStatus.VALID, owner)
 
 
-def read_record(lock_path: Path) -> RecordRead:
+def read_record(lock_path: Path) -> RecordRead:  # noqa: PLR0911 - one return per verdict  # noqa: PLR0911 - one return per verdict
     """Read the owner record of ``lock_path`` without trusting it or changing anything.
 
     Only a regular file is read (never through a symlink, never a FIFO or a

@@ -62,6 +62,11 @@ class Hold:
         self.fd = fd
         self._undo: Undo | None = None
 
+    @property
+    def core_path(self) -> Path:
+        """The lock file this hold is on."""
+        return self._core.path
+
     def release(self) -> None:
         """Release this hold; only the thread that acquired it may."""
         self._core.release_hold(self)
@@ -125,11 +130,16 @@ class LockCore:
         deadline: float | None = None,
         cancel: CancelEvent | None = None,
         tier_taken: bool = False,
+        locked_fd: int | None = None,
     ) -> Hold:
         """Take the lock; see the module docstring for the pipeline.
 
-        ``tier_taken`` says the caller (``acquire_all``) already entered this
-        lock's tier once for a whole group of locks.
+        ``tier_taken`` says the caller (``acquire_all``, a scheduler) already
+        entered this lock's tier once for a whole group. ``locked_fd`` is a
+        private descriptor on which the caller's own kernel wait was already
+        granted the flock (a scheduler waiting for any of its slots); the hold
+        adopts it once admitted by the gate, and closes it on release or on a
+        later failure. If the gate refuses (``LockBusy``), it stays the caller's.
         """
         if is_cancelled(cancel):
             raise LockCancelled(self.path, f"acquiring {self.kind} {self.path} was cancelled")
@@ -150,7 +160,12 @@ class LockCore:
                 )
             except gate.NotAdmitted as refusal:
                 raise self._refusal(refusal.outcome, started, cancel) from None
-            fd = self._lock_os(undo, shared=shared, wait=wait, deadline=deadline, cancel=cancel)
+            if locked_fd is not None:
+                undo.callback(lockfile.close, locked_fd)
+                undo.callback(oslock.unlock, locked_fd, self.path)
+                fd: int | None = locked_fd
+            else:
+                fd = self._lock_os(undo, shared=shared, wait=wait, deadline=deadline, cancel=cancel)
             if fd is None:
                 outcome = gate.GateOutcome.BUSY if not wait else gate.GateOutcome.TIMEOUT
                 if wait and is_cancelled(cancel):
@@ -206,19 +221,24 @@ class LockCore:
         undo.callback(oslock.unlock, kernel_wait.fd, self.path)
         return kernel_wait.fd
 
+    def descriptor(self) -> int:
+        """This object's descriptor on the lock file, reopened if a fork closed it."""
+        if self._fd is None:
+            self._fd = lockfile.open_lock_file(self.path)
+        return self._fd
+
     def _take_descriptor(self, undo: Undo) -> int:
         """This object's descriptor, or a private one while another thread uses it.
 
         Two holds must never share an open file description: unlocking one
         would unlock the other.
         """
-        if self._fd is None:  # a forked child reopens lazily
-            self._fd = lockfile.open_lock_file(self.path)
+        own = self.descriptor()
         if not self._fd_busy:
             self._fd_busy = True
             undo.callback(setattr, self, "_fd_busy", False)
-            return self._fd
-        fd = lockfile.reopen(self._fd, self.path)
+            return own
+        fd = lockfile.reopen(own, self.path)
         undo.callback(lockfile.close, fd)
         return fd
 

@@ -117,4 +117,3 @@ def _pop_tier(tier: Tier) -> None:
 def reset_after_fork() -> None:
     """Forget every tier held: a forked child holds no locks."""
     _held.set(())
-

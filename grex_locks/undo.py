@@ -9,13 +9,14 @@ fails; the first failure is raised afterwards.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 
 class Undo:
-    """Callbacks to run in reverse order on :meth:`close`, or on leaving a ``with`` by an exception."""
+    """Callbacks run newest first on :meth:`close`, or when a ``with`` is left by an exception."""
 
     __slots__ = ("_steps",)
 
@@ -58,7 +59,6 @@ class Undo:
         if exc_type is None:
             self.close()
             return
-        try:
+        # The exception that left the block is the one to see, not an undo's.
+        with contextlib.suppress(BaseException):
             self.close()
-        except BaseException:  # noqa: BLE001, S110 - the original exception is the one to see
-            pass

@@ -121,11 +121,13 @@ class KernelWait:
     else took later through the lock object.
     """
 
-    def __init__(self, fd: int, path: Path, *, shared: bool) -> None:
+    def __init__(
+        self, fd: int, path: Path, *, shared: bool, wake: threading.Event | None = None
+    ) -> None:
         self.fd = lockfile.reopen(fd, path)
         self.path = path
         self.shared = shared
-        self.wake = threading.Event()
+        self.wake = wake if wake is not None else threading.Event()
         self._mutex = threading.Lock()
         self._granted = False
         self._abandoned = False

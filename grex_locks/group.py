@@ -1,0 +1,76 @@
+"""Taking several locks of one tier at once, in an order that cannot deadlock.
+
+Two threads that take packs A and B — one as ``[A, B]``, the other as
+``[B, A]`` — deadlock if each takes its first and waits for its second. The
+remedy is one global order: every group is taken sorted by lock file
+identity, whatever order it was given in. The group counts as a single hold
+of its tier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+
+from .locks import _FileLock
+from .tiers import enter_tier
+from .undo import Undo
+from .waiting import CancelEvent, deadline_after
+
+
+class HeldGroup:
+    """Locks taken by :func:`acquire_all`; a context manager that releases them all."""
+
+    __slots__ = ("_undo", "locks")
+
+    def __init__(self, undo: Undo, locks: list[_FileLock]) -> None:
+        self._undo = undo
+        self.locks = locks
+
+    def release(self) -> None:
+        """Release every lock of the group, last taken first."""
+        self._undo.close()
+
+    def __enter__(self) -> HeldGroup:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def acquire_all(
+    locks: Iterable[_FileLock],
+    *,
+    timeout: float | None = None,
+    cancel: CancelEvent | None = None,
+) -> HeldGroup:
+    """Take every lock in ``locks`` (all of one tier), sorted by file identity.
+
+    The same lock file given twice is taken once; an empty list is a no-op.
+    ``timeout`` covers the whole group. On any failure the locks already
+    taken are released before the error propagates. Locks of different
+    tiers are a ``ValueError``.
+    """
+    unique: dict[tuple[int, int], _FileLock] = {}
+    for lock in locks:
+        unique.setdefault(lock._core.key, lock)
+    tiers = {lock._core.tier for lock in unique.values()}
+    if len(tiers) > 1:
+        names = ", ".join(sorted(tier.name for tier in tiers))
+        raise ValueError(f"acquire_all takes locks of one tier, got {names}")
+    deadline = deadline_after(timeout)
+    ordered = [unique[key] for key in sorted(unique)]
+    with Undo() as undo:
+        if ordered:
+            enter_tier(undo, ordered[0]._core.tier, ordered[0].path)
+        for lock in ordered:
+            hold = lock._core.acquire(
+                wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True
+            )
+            undo.callback(hold.release)
+        return HeldGroup(undo.pop_all(), ordered)

@@ -1,0 +1,281 @@
+"""Scheduler permits: at most ``parallel`` pack operations at once (tier ``SEMAPHORE``).
+
+Without ``slots_dir`` the bound is this process's: an in-process counting
+gate. With ``slots_dir`` it holds across every process that uses the
+directory: a permit is a slot lock file ``slot-<n>.lock`` taken through the
+one lock primitive (so it has an owner record, and the kernel frees it when
+its holder dies). A waiter for a slot blocks in the kernel on every slot at
+once, one helper thread per slot, and takes the first one granted: a freed
+slot goes to a waiter without any polling delay.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from loguru import logger
+
+from . import lockfile, oslock
+from .errors import LockBusy, LockCancelled, LockTimeout
+from .primitive import Hold, LockCore
+from .tiers import Tier, enter_tier
+from .undo import Undo
+from .waiting import CancelEvent, KernelWait, deadline_after, is_cancelled, remaining, wait_for
+
+
+class Permit:
+    """Permission to run one pack operation; a context manager that gives it back."""
+
+    __slots__ = ("_thread", "_undo", "slot")
+
+    def __init__(self, undo: Undo, slot: Path | None) -> None:
+        self._undo: Undo | None = undo
+        self._thread = threading.get_ident()
+        self.slot = slot
+
+    def release(self) -> None:
+        """Give the permit back; only the thread that acquired it may."""
+        if self._undo is None:
+            raise RuntimeError("this scheduler permit was already released")
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("a scheduler permit must be released by the thread that acquired it")
+        undo, self._undo = self._undo, None
+        undo.close()
+
+    def __enter__(self) -> Permit:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class _LocalSlots:
+    """A first-in, first-out counting gate for the threads of this process."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self._capacity = capacity
+        self._in_use = 0
+        self._mutex = threading.Lock()
+        self._queue: deque[threading.Event] = deque()
+        self._granted: set[threading.Event] = set()
+        #: Woken on every release: slot waiters re-examine the slot files.
+        self.release_listeners: set[threading.Event] = set()
+
+    def enter(
+        self, undo: Undo, *, wait: bool, deadline: float | None, cancel: CancelEvent | None
+    ) -> bool:
+        """Take one unit, waiting in line if ``wait``; False if none was granted."""
+        with self._mutex:
+            if not self._queue and (self._capacity is None or self._in_use < self._capacity):
+                self._in_use += 1
+                undo.callback(self._leave)
+                return True
+            if not wait:
+                return False
+            wake = threading.Event()
+            self._queue.append(wake)
+        try:
+            wait_for(wake, deadline, cancel)
+        except BaseException:
+            if self._withdraw(wake):
+                self._leave()
+            raise
+        if not self._withdraw(wake):
+            return False
+        undo.callback(self._leave)
+        return True
+
+    def _withdraw(self, wake: threading.Event) -> bool:
+        with self._mutex:
+            if wake in self._granted:
+                self._granted.discard(wake)
+                return True
+            self._queue.remove(wake)
+            return False
+
+    def _leave(self) -> None:
+        with self._mutex:
+            if self._queue:
+                # Hand the unit straight to the next in line.
+                wake = self._queue.popleft()
+                self._granted.add(wake)
+                wake.set()
+            else:
+                self._in_use -= 1
+            listeners = list(self.release_listeners)
+        for listener in listeners:
+            listener.set()
+
+    def reset_after_fork(self) -> None:
+        self._in_use = 0
+        self._mutex = threading.Lock()
+        self._queue.clear()
+        self._granted.clear()
+        self.release_listeners.clear()
+
+
+_live_schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+class Scheduler:
+    """Bounds how many pack operations run at once: at most ``parallel`` permits out.
+
+    ``parallel=0`` means unbounded (and logs a warning). With ``slots_dir``
+    the bound holds across every process using that directory, and the
+    scheduler pickles as ``(parallel, slots_dir)``; without it the scheduler
+    is this process's alone and refuses to pickle.
+    """
+
+    def __init__(self, parallel: int, *, slots_dir: str | os.PathLike[str] | None = None) -> None:
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 0:
+            raise ValueError(f"parallel must be a whole number >= 0, not {parallel!r}")
+        if parallel == 0:
+            logger.warning("Scheduler(parallel=0): no bound on parallel pack operations")
+        self._parallel = parallel
+        self._slots_dir = Path(slots_dir).absolute() if slots_dir is not None else None
+        self._local = _LocalSlots(parallel or None)
+        self._slots: list[LockCore] = []
+        if self._slots_dir is not None and parallel:
+            self._slots = [
+                LockCore(
+                    self._slots_dir / f"slot-{n}.lock", tier=Tier.SEMAPHORE, kind="scheduler slot"
+                )
+                for n in range(parallel)
+            ]
+        _live_schedulers.add(self)
+
+    @property
+    def max_parallelism(self) -> int | None:
+        """The bound on permits out at once, or ``None`` when unbounded."""
+        return self._parallel or None
+
+    @property
+    def slots_dir(self) -> Path | None:
+        """The directory whose slot files carry the bound across processes, if any."""
+        return self._slots_dir
+
+    def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Permit:
+        """Wait for a permit; raise :class:`LockTimeout` or :class:`LockCancelled` if none comes."""
+        return self._acquire(wait=True, deadline=deadline_after(timeout), cancel=cancel)
+
+    def try_acquire(self) -> Permit:
+        """Take a permit if one is free now; raise :class:`LockBusy` otherwise."""
+        return self._acquire(wait=False, deadline=None, cancel=None)
+
+    def _acquire(self, *, wait: bool, deadline: float | None, cancel: CancelEvent | None) -> Permit:
+        if is_cancelled(cancel):
+            raise LockCancelled(self._slots_dir, f"waiting for a permit of {self} was cancelled")
+        started = time.monotonic()
+        with Undo() as undo:
+            enter_tier(undo, Tier.SEMAPHORE, self._slots_dir)
+            if not self._local.enter(undo, wait=wait, deadline=deadline, cancel=cancel):
+                raise self._refusal(wait, started, cancel)
+            slot: Path | None = None
+            if self._slots:
+                hold = self._take_slot(wait=wait, deadline=deadline, cancel=cancel, started=started)
+                undo.callback(hold.release)
+                slot = hold.core_path
+            return Permit(undo.pop_all(), slot)
+
+    def _take_slot(
+        self, *, wait: bool, deadline: float | None, cancel: CancelEvent | None, started: float
+    ) -> Hold:
+        while True:
+            for core in self._slots:
+                try:
+                    return core.acquire(wait=False, tier_taken=True)
+                except LockBusy:
+                    continue
+            if not wait or remaining(deadline) == 0.0 or is_cancelled(cancel):
+                raise self._refusal(wait, started, cancel)
+            granted = self._wait_for_any_slot(deadline, cancel)
+            if granted is not None:
+                core, fd = granted
+                try:
+                    return core.acquire(wait=False, tier_taken=True, locked_fd=fd)
+                except LockBusy:
+                    # Another thread of ours passed the slot's gate first.
+                    oslock.unlock(fd, core.path)
+                    lockfile.close(fd)
+
+    def _wait_for_any_slot(
+        self, deadline: float | None, cancel: CancelEvent | None
+    ) -> tuple[LockCore, int] | None:
+        """Block in the kernel on every slot at once; return the first granted, if any.
+
+        Also returns (None) when a permit of this process is given back, so the
+        caller looks at the slot files again.
+        """
+        wake = threading.Event()
+        self._local.release_listeners.add(wake)
+        waits: list[tuple[LockCore, KernelWait]] = []
+        try:
+            for core in self._slots:
+                waits.append(
+                    (core, KernelWait(core.descriptor(), core.path, shared=False, wake=wake))
+                )
+            wait_for(wake, deadline, cancel)
+        finally:
+            self._local.release_listeners.discard(wake)
+            granted = [(core, kw.fd) for core, kw in waits if kw.claim()]
+        for core, fd in granted[1:]:
+            oslock.unlock(fd, core.path)
+            lockfile.close(fd)
+        return granted[0] if granted else None
+
+    def _refusal(
+        self, wait: bool, started: float, cancel: CancelEvent | None
+    ) -> LockBusy | LockTimeout | LockCancelled:
+        waited = time.monotonic() - started
+        if not wait:
+            return LockBusy(self._slots_dir, f"all {self._parallel} permits of {self} are in use")
+        if is_cancelled(cancel):
+            return LockCancelled(
+                self._slots_dir,
+                f"waiting for a permit of {self} was cancelled after {waited:.3f} s",
+            )
+        return LockTimeout(
+            self._slots_dir,
+            f"timed out after {waited:.3f} s waiting for a permit of {self} "
+            f"(all {self._parallel} in use)",
+            None,
+            waited,
+        )
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: no permits out (slot files are reset with every lock)."""
+        self._local.reset_after_fork()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._slots_dir is None:
+            raise TypeError(
+                "a Scheduler without slots_dir bounds one process only and cannot be pickled; "
+                "give it a slots_dir to share the bound across processes"
+            )
+        return (_rebuild, (self._parallel, self._slots_dir))
+
+    def __repr__(self) -> str:
+        where = f", slots_dir={str(self._slots_dir)!r}" if self._slots_dir else ""
+        return f"Scheduler({self._parallel}{where})"
+
+
+def _rebuild(parallel: int, slots_dir: Path) -> Scheduler:
+    return Scheduler(parallel, slots_dir=slots_dir)
+
+
+def reset_all_after_fork() -> None:
+    """Reset every live scheduler in a forked child."""
+    for scheduler in list(_live_schedulers):
+        scheduler.reset_after_fork()
