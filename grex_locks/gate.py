@@ -18,7 +18,9 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from . import slow_waits
 from .lockfile import FileKey
 from .undo import Undo
 from .waiting import CancelEvent, is_cancelled, wait_for
@@ -102,6 +104,7 @@ def enter(
     wait: bool,
     deadline: float | None,
     cancel: CancelEvent | None,
+    watch: tuple[Path, str],
 ) -> None:
     """Admit the calling thread to ``key``'s gate, waiting in line if ``wait``.
 
@@ -126,7 +129,8 @@ def enter(
         waiter = _Waiter(me, shared)
         gate.queue.append(waiter)
     try:
-        wait_for(waiter.wake, deadline, cancel)
+        with slow_waits.watching(*watch):
+            wait_for(waiter.wake, deadline, cancel)
     except BaseException:
         if _withdraw(gate, waiter):
             _leave(key, me, shared)

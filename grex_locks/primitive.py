@@ -23,9 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from loguru import logger
-
-from . import gate, lockfile, oslock, owner_record
+from . import gate, lockfile, oslock, owner_record, slow_waits
 from .errors import LockBusy, LockCancelled, LockTimeout
 from .tiers import Tier, enter_tier
 from .undo import Undo
@@ -33,9 +31,6 @@ from .waiting import CancelEvent, KernelWait, is_cancelled, remaining, wait_for
 
 if TYPE_CHECKING:
     from .diagnosis import Diagnosis
-
-#: A wait longer than this is logged (at WARNING) with what is known of the holder.
-SLOW_WAIT_SECONDS = 5.0
 
 _live_cores: weakref.WeakSet[LockCore] = weakref.WeakSet()
 
@@ -156,7 +151,13 @@ class LockCore:
                 enter_tier(undo, self.tier, self.path)
             try:
                 gate.enter(
-                    undo, self.key, shared=shared, wait=wait, deadline=deadline, cancel=cancel
+                    undo,
+                    self.key,
+                    shared=shared,
+                    wait=wait,
+                    deadline=deadline,
+                    cancel=cancel,
+                    watch=(self.path, self.kind),
                 )
             except gate.NotAdmitted as refusal:
                 raise self._refusal(refusal.outcome, started, cancel) from None
@@ -178,7 +179,6 @@ class LockCore:
             undo.callback(self._holds.pop, me, None)
             self._holds[me] = hold
             hold._undo = undo.pop_all()
-        self._note_slow_wait(started)
         return hold
 
     def _lock_os(
@@ -201,7 +201,8 @@ class LockCore:
             # Nothing can end this wait but the kernel's grant, so block in the
             # kernel directly: the fastest hand-off there is.
             try:
-                oslock.lock_blocking(fd, self.path, shared=shared)
+                with slow_waits.watching(self.path, self.kind):
+                    oslock.lock_blocking(fd, self.path, shared=shared)
             except BaseException:
                 oslock.unlock(fd, self.path)  # our own description: harmless if not granted
                 raise
@@ -209,7 +210,8 @@ class LockCore:
             return fd
         kernel_wait = KernelWait(fd, self.path, shared=shared)
         try:
-            wait_for(kernel_wait.wake, deadline, cancel)
+            with slow_waits.watching(self.path, self.kind):
+                wait_for(kernel_wait.wake, deadline, cancel)
         except BaseException:
             if kernel_wait.claim():
                 oslock.unlock(kernel_wait.fd, self.path)
@@ -261,11 +263,6 @@ class LockCore:
             holder,
             waited,
         )
-
-    def _note_slow_wait(self, started: float) -> None:
-        waited = time.monotonic() - started
-        if waited >= SLOW_WAIT_SECONDS:
-            logger.warning("waited {:.1f} s for {} {}", waited, self.kind, self.path)
 
     # -- the one release path ------------------------------------------------
 

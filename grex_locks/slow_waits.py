@@ -1,0 +1,94 @@
+"""Logging the waits that last too long, with who holds the lock, at no cost to the rest.
+
+A wait is registered when it starts blocking and unregistered when it ends;
+one monitor thread per process sleeps until the oldest registered wait
+crosses :data:`SLOW_WAIT_SECONDS`, then logs it once at WARNING with a
+diagnosis of the holder. The diagnosis is computed lazily, only if a loguru
+handler will emit the line, so a library user who never enables logging
+pays one dictionary insert per contended wait and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from loguru import logger
+
+#: A wait longer than this is logged (at WARNING) with who holds the lock.
+SLOW_WAIT_SECONDS = 5.0
+
+_ids = itertools.count()
+_cond = threading.Condition()
+_waits: dict[int, tuple[float, Path, str]] = {}
+_monitor: threading.Thread | None = None
+
+
+def _holder_of(path: Path) -> str:
+    from .diagnosis import diagnose  # noqa: PLC0415 - diagnostics import the core
+
+    return diagnose(path).holder_summary() or "holder unknown"
+
+
+def _monitor_loop() -> None:
+    reported: set[int] = set()
+    while True:
+        due: list[tuple[float, Path, str]] = []
+        with _cond:
+            reported &= _waits.keys()
+            now = time.monotonic()
+            next_due: float | None = None
+            for wait_id, (started, path, kind) in _waits.items():
+                if wait_id in reported:
+                    continue
+                left = started + SLOW_WAIT_SECONDS - now
+                if left <= 0:
+                    due.append((started, path, kind))
+                    reported.add(wait_id)
+                elif next_due is None or left < next_due:
+                    next_due = left
+            if not due:
+                # Sleep until the next wait turns slow, or until one is added.
+                _cond.wait(next_due)
+                continue
+        for started, path, kind in due:
+            logger.opt(lazy=True).warning(
+                "still waiting after {:.1f} s for {} {}: {}",
+                lambda started=started: time.monotonic() - started,
+                lambda kind=kind: kind,
+                lambda path=path: path,
+                functools.partial(_holder_of, path),
+            )
+
+
+@contextmanager
+def watching(path: Path, kind: str) -> Iterator[None]:
+    """Register a blocking wait on ``path`` for the slow-wait monitor while the block runs."""
+    global _monitor  # noqa: PLW0603 - one monitor thread per process, started lazily
+    wait_id = next(_ids)
+    with _cond:
+        _waits[wait_id] = (time.monotonic(), path, kind)
+        if _monitor is None:
+            _monitor = threading.Thread(
+                target=_monitor_loop, name="grex-locks-slow-waits", daemon=True
+            )
+            _monitor.start()
+        _cond.notify()
+    try:
+        yield
+    finally:
+        with _cond:
+            _waits.pop(wait_id, None)
+
+
+def reset_after_fork() -> None:
+    """In a forked child: no waits in progress, and no monitor thread yet."""
+    global _monitor, _cond  # noqa: PLW0603 - recreated after fork, like the gate's mutex
+    _cond = threading.Condition()
+    _waits.clear()
+    _monitor = None
