@@ -101,8 +101,17 @@ class LockCore:
         self._fd: int | None = lockfile.open_lock_file(lock_path)
         self.key = lockfile.file_key(self._fd)
         self._fd_busy = False
+        self._fd_mutex = threading.Lock()
         self._holds: dict[int, Hold] = {}
         _live_cores.add(self)
+
+    def __del__(self) -> None:
+        # A lock object owns its descriptor: a run over 100,000 packs must not
+        # keep 100,000 files open. (A held object is kept alive by its hold.)
+        fd = getattr(self, "_fd", None)
+        if fd is not None and not getattr(self, "_holds", None):
+            self._fd = None
+            lockfile.close(fd)
 
     # -- state ---------------------------------------------------------------
 
@@ -236,8 +245,10 @@ class LockCore:
         would unlock the other.
         """
         own = self.descriptor()
-        if not self._fd_busy:
+        with self._fd_mutex:
+            claimed = not self._fd_busy
             self._fd_busy = True
+        if claimed:
             undo.callback(setattr, self, "_fd_busy", False)
             return own
         fd = lockfile.reopen(own, self.path)
@@ -288,6 +299,7 @@ class LockCore:
         """In a forked child: hold nothing, and reopen the file on next use."""
         self._fd = None
         self._fd_busy = False
+        self._fd_mutex = threading.Lock()
         self._holds.clear()
 
 
