@@ -6,6 +6,7 @@ The public API; see ``API.md`` for the contract. This module holds no logic.
 from loguru import logger
 
 from . import forking
+from .diagnosis import Diagnosis, Holder, HolderState, diagnose
 from .errors import (
     LockBusy,
     LockCancelled,
@@ -27,6 +28,7 @@ from .locks import (
     WorkspaceLock,
 )
 from .owner_record import OWNER_SUFFIX
+from .scan import ScanResult, WaitCycle, find_wait_cycles, scan
 from .scheduler import Permit, Scheduler
 from .tiers import Tier, set_tier_check
 
@@ -42,7 +44,10 @@ __all__ = [
     "PACK_LOCK_FILE_NAME",
     "SYNC_LOCK_FILE_NAME",
     "BackendLock",
+    "Diagnosis",
     "HeldGroup",
+    "Holder",
+    "HolderState",
     "LockBusy",
     "LockCancelled",
     "LockError",
@@ -51,11 +56,16 @@ __all__ = [
     "ManifestLock",
     "PackLock",
     "Permit",
+    "ScanResult",
     "Scheduler",
     "Tier",
     "TierViolation",
+    "WaitCycle",
     "WorkspaceBusy",
     "WorkspaceLock",
     "acquire_all",
+    "diagnose",
+    "find_wait_cycles",
+    "scan",
     "set_tier_check",
 ]

@@ -16,7 +16,7 @@ so a stream of readers cannot starve a writer within one process.
 from __future__ import annotations
 
 import threading
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,8 @@ class Gate:
 
     key: FileKey
     writer: int | None = None
-    readers: Counter[int] = field(default_factory=Counter)
+    # A thread holds a lock file at most once (re-entry is refused), so a set.
+    readers: set[int] = field(default_factory=set)
     queue: deque[_Waiter] = field(default_factory=deque)
 
     def held_by(self, thread: int) -> bool:
@@ -51,17 +52,17 @@ class Gate:
             return self.writer is None
         return self.writer is None and not self.readers
 
-    def _admit(self, thread: int, shared: bool) -> None:
-        if shared:
-            self.readers[thread] += 1
+    def _admit(self, waiter: _Waiter) -> None:
+        if waiter.shared:
+            self.readers.add(waiter.thread)
         else:
-            self.writer = thread
+            self.writer = waiter.thread
+        waiter.granted = True
 
     def _serve_queue(self) -> None:
         while self.queue and self._admits(self.queue[0].shared):
             waiter = self.queue.popleft()
-            self._admit(waiter.thread, waiter.shared)
-            waiter.granted = True
+            self._admit(waiter)
             waiter.wake.set()
 
     def _unused(self) -> bool:
@@ -108,10 +109,15 @@ def enter(
 ) -> None:
     """Admit the calling thread to ``key``'s gate, waiting in line if ``wait``.
 
-    On admission the matching :func:`_leave` is registered on ``stack``.
-    Raises :class:`NotAdmitted` otherwise, leaving nothing behind.
+    The matching :func:`_leave` is registered on ``stack`` *before* anything
+    changes, and it undoes whatever stage was reached (nothing, a place in
+    line, or admission): so an exception at any moment — a timeout, or a
+    ``KeyboardInterrupt`` between two bytecodes — leaves no trace once the
+    caller unwinds. Raises :class:`NotAdmitted` when not admitted.
     """
     me = threading.get_ident()
+    waiter = _Waiter(me, shared)
+    stack.callback(_leave, key, waiter)
     with _mutex:
         gate = _gates.get(key)
         if gate is None:
@@ -119,49 +125,34 @@ def enter(
         if gate.held_by(me):
             raise NotAdmitted(GateOutcome.REENTRY)
         if not gate.queue and gate._admits(shared):
-            gate._admit(me, shared)
-            stack.callback(_leave, key, me, shared)
+            gate._admit(waiter)
             return
         if not wait:
-            if gate._unused():
-                del _gates[key]
             raise NotAdmitted(GateOutcome.BUSY)
-        waiter = _Waiter(me, shared)
         gate.queue.append(waiter)
-    try:
-        with slow_waits.watching(*watch):
-            wait_for(waiter.wake, deadline, cancel)
-    except BaseException:
-        if _withdraw(gate, waiter):
-            _leave(key, me, shared)
-        raise
-    if not _withdraw(gate, waiter):
+    with slow_waits.watching(*watch):
+        wait_for(waiter.wake, deadline, cancel)
+    # Granted or not, _leave (already registered) sets things right; a grant
+    # that lands after this check is given back by it just the same.
+    if not waiter.granted:
         raise NotAdmitted(GateOutcome.CANCELLED if is_cancelled(cancel) else GateOutcome.TIMEOUT)
-    stack.callback(_leave, key, me, shared)
 
 
-def _withdraw(gate: Gate, waiter: _Waiter) -> bool:
-    """End a wait: True if the waiter was granted in time, else take it out of line."""
+def _leave(key: FileKey, waiter: _Waiter) -> None:
+    """Undo ``waiter``'s stage at the gate, whichever it reached; safe to call twice."""
     with _mutex:
-        if waiter.granted:
-            return True
-        gate.queue.remove(waiter)
-        # A writer leaving the head of the line may let the readers behind it in.
-        gate._serve_queue()
-        if gate._unused():
-            _gates.pop(gate.key, None)
-        return False
-
-
-def _leave(key: FileKey, thread: int, shared: bool) -> None:
-    with _mutex:
-        gate = _gates[key]
-        if shared:
-            gate.readers[thread] -= 1
-            if gate.readers[thread] <= 0:
-                del gate.readers[thread]
-        else:
-            gate.writer = None
+        gate = _gates.get(key)
+        if gate is None:
+            return
+        if waiter in gate.queue:
+            gate.queue.remove(waiter)
+        elif waiter.granted:
+            waiter.granted = False
+            if waiter.shared:
+                gate.readers.discard(waiter.thread)
+            else:
+                gate.writer = None
+        # A departure (even of a writer still in line) may let the next ones in.
         gate._serve_queue()
         if gate._unused():
             del _gates[key]

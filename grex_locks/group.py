@@ -9,6 +9,7 @@ of its tier.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from types import TracebackType
 
@@ -21,15 +22,21 @@ from .waiting import CancelEvent, deadline_after
 class HeldGroup:
     """Locks taken by :func:`acquire_all`; a context manager that releases them all."""
 
-    __slots__ = ("_undo", "locks")
+    __slots__ = ("_thread", "_undo", "locks")
 
     def __init__(self, undo: Undo, locks: list[_FileLock]) -> None:
-        self._undo = undo
+        self._undo: Undo | None = undo
+        self._thread = threading.get_ident()
         self.locks = locks
 
     def release(self) -> None:
-        """Release every lock of the group, last taken first."""
-        self._undo.close()
+        """Release every lock of the group, last taken first; only the acquiring thread may."""
+        if self._undo is None:
+            raise RuntimeError("this group of locks was already released")
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("a group of locks must be released by the thread that acquired it")
+        undo, self._undo = self._undo, None
+        undo.close_fully()
 
     def __enter__(self) -> HeldGroup:
         return self
@@ -65,12 +72,12 @@ def acquire_all(
         raise ValueError(f"acquire_all takes locks of one tier, got {names}")
     deadline = deadline_after(timeout)
     ordered = [unique[key] for key in sorted(unique)]
+    for lock in ordered:
+        lock._core.refuse_reentry()
     with Undo() as undo:
         if ordered:
             enter_tier(undo, ordered[0]._core.tier, ordered[0].path)
         for lock in ordered:
-            hold = lock._core.acquire(
-                wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True
-            )
-            undo.callback(hold.release)
+            undo.callback(lock._core.release_if_held)
+            lock._core.acquire(wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True)
         return HeldGroup(undo.pop_all(), ordered)

@@ -100,6 +100,16 @@ def close(fd: int) -> None:
     os.close(fd)
 
 
+def close_once(handle: list[int]) -> None:
+    """Close the descriptor in ``handle`` (a one-item list) the first time only.
+
+    Undo steps may run twice when an interruption cuts a release short; a
+    second plain ``close`` could close a descriptor number reused meanwhile.
+    """
+    if handle:
+        close(handle.pop())
+
+
 def file_key(fd: int) -> FileKey:
     """The identity of the file behind ``fd``: ``(st_dev, st_ino)``."""
     st = os.fstat(fd)

@@ -135,7 +135,8 @@ class WorkspaceLock(_FileLock):
 
     def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Take the workspace lock now or raise :class:`WorkspaceBusy`."""
-        del timeout, cancel
+        del cancel
+        deadline_after(timeout)  # ignored, but a negative timeout is still a ValueError
         return self._core.acquire(wait=False)
 
 
@@ -151,6 +152,10 @@ class BackendLock(_FileLock):
 
     @staticmethod
     def _lock_file(target: Path) -> Path:
+        if target.name in ("", ".", ".."):
+            # "<ws>/sub/.." names a directory whose own name is elsewhere:
+            # resolve it, so the lock sits beside the directory it guards.
+            target = Path(os.path.realpath(target))
         return target.with_name(target.name + BACKEND_LOCK_SUFFIX)
 
 

@@ -30,6 +30,7 @@ from loguru import logger
 
 from .errors import LockIOError
 from .tiers import Tier
+from .undo import Undo
 
 OWNER_SUFFIX = ".owner"
 #: Diagnostics read at most this much of a record; anything larger is garbage.
@@ -94,48 +95,54 @@ def _encode(tier: Tier) -> bytes:
     ).encode()
 
 
-@dataclass(frozen=True)
-class WrittenRecord:
-    """A record this thread wrote and still has open, so that it can clear exactly that."""
+def write_record(target: Path, tier: Tier, undo: Undo, lock_path: Path) -> None:
+    """Place this thread's owner record at ``target``; register its clearing on ``undo``.
 
-    path: Path
-    fd: int
-
-
-def write_record(target: Path, tier: Tier) -> WrittenRecord:
-    """Place this thread's owner record at ``target`` so readers never see half of it.
-
-    The fast path writes into the empty record file a previous holder left,
-    in one ``write`` (readers see the empty file or the whole record), but
-    only if that file is a plain regular file of ours with one link: never
-    through a symlink, never into a hard link planted to another file.
-    Anything else — no file, a stale record, a symlink, a stranger's file —
-    is replaced by renaming a fresh private file over it. Raises
-    :class:`LockIOError` when the directory refuses.
+    Readers never see half a record. The fast path writes into the empty
+    record file a previous holder left, in one ``write`` (readers see the
+    empty file or the whole record) — but only if that file is a plain
+    regular file of ours with one link: never through a symlink, never into
+    a hard link planted to another file. Anything else (no file, a stale
+    record, a symlink, a stranger's file) is replaced by renaming a fresh
+    private file over it. Raises :class:`LockIOError` naming ``lock_path``
+    when the directory refuses.
     """
     data = _encode(tier)
     try:
         fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return _replace_record(target, data)
+        fd = -1
+    if fd >= 0:
+        handle = [fd]
+        if _reusable(fd):
+            undo.callback(_clear, target, handle)
+            try:
+                os.write(fd, data)
+            except OSError as exc:
+                raise _refused(lock_path, target, exc) from exc
+            return
+        os.close(handle.pop())
+    _replace_record(target, data, undo, lock_path)
+
+
+def _reusable(fd: int) -> bool:
     try:
         st = os.fstat(fd)
-        reusable = (
-            stat.S_ISREG(st.st_mode)
-            and st.st_nlink == 1
-            and st.st_uid == os.geteuid()
-            and st.st_size == 0
-        )
-        if reusable:
-            os.write(fd, data)
-            return WrittenRecord(target, fd)
     except OSError:
-        pass
-    os.close(fd)
-    return _replace_record(target, data)
+        return False
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_nlink == 1
+        and st.st_uid == os.geteuid()
+        and st.st_size == 0
+    )
 
 
-def _replace_record(target: Path, data: bytes) -> WrittenRecord:
+def _refused(lock_path: Path, target: Path, exc: OSError) -> LockIOError:
+    return LockIOError(lock_path, f"cannot write the owner record {target}: {exc.strerror or exc}")
+
+
+def _replace_record(target: Path, data: bytes, undo: Undo, lock_path: Path) -> None:
     _note_stale(target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{next(_counter)}.tmp")
     fd = -1
@@ -150,10 +157,8 @@ def _replace_record(target: Path, data: bytes) -> WrittenRecord:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise LockIOError(
-            target, f"cannot write the owner record {target}: {exc.strerror or exc}"
-        ) from exc
-    return WrittenRecord(target, fd)
+        raise _refused(lock_path, target, exc) from exc
+    undo.callback(_clear, target, [fd])
 
 
 def _note_stale(target: Path) -> None:
@@ -167,19 +172,23 @@ def _note_stale(target: Path) -> None:
         logger.info("replacing stale owner record {} ({} bytes)", target, st.st_size)
 
 
-def clear_record(written: WrittenRecord) -> None:
-    """Empty the record we wrote (through our own descriptor) and close it.
+def _clear(target: Path, handle: list[int]) -> None:
+    """Empty the record we wrote, through our own descriptor, and close it (once).
 
     Emptying our own inode is always safe: if someone has since replaced the
     file at the record path, theirs is left alone. The empty file stays for
     the next holder's fast path.
     """
+    if not handle:
+        return
+    fd = handle[0]
     try:
-        os.ftruncate(written.fd, 0)
+        os.ftruncate(fd, 0)
     except OSError as exc:
-        logger.warning("cannot clear owner record {}: {}", written.path, exc)
-    finally:
-        os.close(written.fd)
+        logger.warning("cannot clear owner record {}: {}", target, exc)
+    if handle:
+        handle.pop()
+        os.close(fd)
 
 
 class RecordStatus(enum.Enum):

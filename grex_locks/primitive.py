@@ -100,7 +100,7 @@ class LockCore:
         self.busy_error = busy_error
         self._fd: int | None = lockfile.open_lock_file(lock_path)
         self.key = lockfile.file_key(self._fd)
-        self._fd_busy = False
+        self._fd_claim: object | None = None
         self._fd_mutex = threading.Lock()
         self._holds: dict[int, Hold] = {}
         _live_cores.add(self)
@@ -109,7 +109,7 @@ class LockCore:
         # A lock object owns its descriptor: a run over 100,000 packs must not
         # keep 100,000 files open. (A held object is kept alive by its hold.)
         fd = getattr(self, "_fd", None)
-        if fd is not None and not getattr(self, "_holds", None):
+        if fd is not None and not getattr(self, "_holds", True):
             self._fd = None
             lockfile.close(fd)
 
@@ -126,6 +126,19 @@ class LockCore:
 
     # -- the one acquire path ------------------------------------------------
 
+    def refuse_reentry(self) -> None:
+        """Raise ``LockBusy`` if the calling thread already holds this lock file.
+
+        Checked first, before the tier order: taking a lock twice is a
+        self-deadlock whatever the tiers say.
+        """
+        if threading.get_ident() in self._holds or gate.held_by_current_thread(self.key):
+            raise self.busy_error(
+                self.path,
+                f"{self.kind} {self.path} is already held by this thread "
+                "(taking it again would deadlock on itself)",
+            )
+
     def acquire(
         self,
         *,
@@ -134,28 +147,25 @@ class LockCore:
         deadline: float | None = None,
         cancel: CancelEvent | None = None,
         tier_taken: bool = False,
-        locked_fd: int | None = None,
+        granted_wait: KernelWait | None = None,
     ) -> Hold:
         """Take the lock; see the module docstring for the pipeline.
 
         ``tier_taken`` says the caller (``acquire_all``, a scheduler) already
-        entered this lock's tier once for a whole group. ``locked_fd`` is a
-        private descriptor on which the caller's own kernel wait was already
-        granted the flock (a scheduler waiting for any of its slots); the hold
-        adopts it once admitted by the gate, and closes it on release or on a
-        later failure. If the gate refuses (``LockBusy``), it stays the caller's.
+        entered this lock's tier once for a whole group. ``granted_wait`` is a
+        kernel wait of the caller's that the kernel already granted (a
+        scheduler waiting for any of its slots): the hold adopts its
+        descriptor, and releases it with the hold — or at once, if the
+        acquire fails.
         """
         if is_cancelled(cancel):
             raise LockCancelled(self.path, f"acquiring {self.kind} {self.path} was cancelled")
         me = threading.get_ident()
-        if me in self._holds or gate.held_by_current_thread(self.key):
-            raise self.busy_error(
-                self.path,
-                f"{self.kind} {self.path} is already held by this thread "
-                "(taking it again would deadlock on itself)",
-            )
+        self.refuse_reentry()
         started = time.monotonic()
         with Undo() as undo:
+            if granted_wait is not None:
+                undo.callback(granted_wait.settle)
             if not tier_taken:
                 enter_tier(undo, self.tier, self.path)
             try:
@@ -170,10 +180,8 @@ class LockCore:
                 )
             except gate.NotAdmitted as refusal:
                 raise self._refusal(refusal.outcome, started, cancel) from None
-            if locked_fd is not None:
-                undo.callback(lockfile.close, locked_fd)
-                undo.callback(oslock.unlock, locked_fd, self.path)
-                fd: int | None = locked_fd
+            if granted_wait is not None:
+                fd: int | None = granted_wait.fd
             else:
                 fd = self._lock_os(undo, shared=shared, wait=wait, deadline=deadline, cancel=cancel)
             if fd is None:
@@ -182,8 +190,7 @@ class LockCore:
                     outcome = gate.GateOutcome.CANCELLED
                 raise self._refusal(outcome, started, cancel)
             if not shared:
-                written = owner_record.write_record(self.record_path, self.tier)
-                undo.callback(owner_record.clear_record, written)
+                owner_record.write_record(self.record_path, self.tier, undo, self.path)
             hold = Hold(self, me, shared, fd)
             undo.callback(self._holds.pop, me, None)
             self._holds[me] = hold
@@ -201,36 +208,25 @@ class LockCore:
     ) -> int | None:
         """Take the flock; return the descriptor that holds it, or None if not granted."""
         fd = self._take_descriptor(undo)
+        # Registered before locking, so no interruption can leave the lock
+        # taken with no undo; unlocking our own unlocked description is harmless.
+        undo.callback(oslock.unlock, fd, self.path)
         if oslock.try_lock(fd, self.path, shared=shared):
-            undo.callback(oslock.unlock, fd, self.path)
             return fd
         if not wait or remaining(deadline) == 0.0:
             return None
         if deadline is None and cancel is None:
             # Nothing can end this wait but the kernel's grant, so block in the
             # kernel directly: the fastest hand-off there is.
-            try:
-                with slow_waits.watching(self.path, self.kind):
-                    oslock.lock_blocking(fd, self.path, shared=shared)
-            except BaseException:
-                oslock.unlock(fd, self.path)  # our own description: harmless if not granted
-                raise
-            undo.callback(oslock.unlock, fd, self.path)
+            with slow_waits.watching(self.path, self.kind):
+                oslock.lock_blocking(fd, self.path, shared=shared)
             return fd
         kernel_wait = KernelWait(fd, self.path, shared=shared)
-        try:
-            with slow_waits.watching(self.path, self.kind):
-                wait_for(kernel_wait.wake, deadline, cancel)
-        except BaseException:
-            if kernel_wait.claim():
-                oslock.unlock(kernel_wait.fd, self.path)
-                lockfile.close(kernel_wait.fd)
-            raise
-        if not kernel_wait.claim():
-            return None
-        undo.callback(lockfile.close, kernel_wait.fd)
-        undo.callback(oslock.unlock, kernel_wait.fd, self.path)
-        return kernel_wait.fd
+        undo.callback(kernel_wait.settle)
+        kernel_wait.start()
+        with slow_waits.watching(self.path, self.kind):
+            wait_for(kernel_wait.wake, deadline, cancel)
+        return kernel_wait.fd if kernel_wait.granted() else None
 
     def descriptor(self) -> int:
         """This object's descriptor on the lock file, reopened if a fork closed it."""
@@ -245,15 +241,20 @@ class LockCore:
         would unlock the other.
         """
         own = self.descriptor()
+        token = object()
         with self._fd_mutex:
-            claimed = not self._fd_busy
-            self._fd_busy = True
-        if claimed:
-            undo.callback(setattr, self, "_fd_busy", False)
-            return own
-        fd = lockfile.reopen(own, self.path)
-        undo.callback(lockfile.close, fd)
-        return fd
+            if self._fd_claim is None:
+                undo.callback(self._free_descriptor, token)
+                self._fd_claim = token
+                return own
+        handle = [lockfile.reopen(own, self.path)]
+        undo.callback(lockfile.close_once, handle)
+        return handle[0]
+
+    def _free_descriptor(self, token: object) -> None:
+        with self._fd_mutex:
+            if self._fd_claim is token:
+                self._fd_claim = None
 
     def _refusal(
         self, outcome: str, started: float, cancel: CancelEvent | None
@@ -291,14 +292,19 @@ class LockCore:
                 )
             raise RuntimeError(f"cannot release {self.kind} {self.path}: it is not held here")
         undo, hold._undo = hold._undo, None
-        undo.close()
+        undo.close_fully()
+
+    def release_if_held(self) -> None:
+        """Release the calling thread's hold if it has one (an idempotent undo step)."""
+        if threading.get_ident() in self._holds:
+            self.release_hold()
 
     # -- fork ----------------------------------------------------------------
 
     def forget_after_fork(self) -> None:
         """In a forked child: hold nothing, and reopen the file on next use."""
         self._fd = None
-        self._fd_busy = False
+        self._fd_claim = None
         self._fd_mutex = threading.Lock()
         self._holds.clear()
 

@@ -16,13 +16,13 @@ import threading
 import time
 import weakref
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from loguru import logger
 
-from . import lockfile, oslock
 from .errors import LockBusy, LockCancelled, LockTimeout
 from .primitive import Hold, LockCore
 from .tiers import Tier, enter_tier
@@ -47,7 +47,7 @@ class Permit:
         if threading.get_ident() != self._thread:
             raise RuntimeError("a scheduler permit must be released by the thread that acquired it")
         undo, self._undo = self._undo, None
-        undo.close()
+        undo.close_fully()
 
     def __enter__(self) -> Permit:
         return self
@@ -61,68 +61,72 @@ class Permit:
         self.release()
 
 
+@dataclass(eq=False)
+class _Ticket:
+    """One request for a unit of the local gate: waiting, then granted."""
+
+    wake: threading.Event = field(default_factory=threading.Event)
+    granted: bool = False
+
+
 class _LocalSlots:
     """A first-in, first-out counting gate for the threads of this process."""
 
     def __init__(self, capacity: int | None) -> None:
         self._capacity = capacity
-        self._in_use = 0
+        self._holders: set[_Ticket] = set()
         self._mutex = threading.Lock()
-        self._queue: deque[threading.Event] = deque()
-        self._granted: set[threading.Event] = set()
+        self._queue: deque[_Ticket] = deque()
         #: Woken on every release: slot waiters re-examine the slot files.
         self.release_listeners: set[threading.Event] = set()
+
+    def _has_room(self) -> bool:
+        return self._capacity is None or len(self._holders) < self._capacity
 
     def enter(
         self, undo: Undo, *, wait: bool, deadline: float | None, cancel: CancelEvent | None
     ) -> bool:
-        """Take one unit, waiting in line if ``wait``; False if none was granted."""
+        """Take one unit, waiting in line if ``wait``; False if none was granted.
+
+        As at the lock gate, the undo is registered before anything changes
+        and undoes whatever stage was reached.
+        """
+        ticket = _Ticket()
+        undo.callback(self._leave, ticket)
         with self._mutex:
-            if not self._queue and (self._capacity is None or self._in_use < self._capacity):
-                self._in_use += 1
-                undo.callback(self._leave)
+            if not self._queue and self._has_room():
+                self._grant(ticket)
                 return True
             if not wait:
                 return False
-            wake = threading.Event()
-            self._queue.append(wake)
-        try:
-            wait_for(wake, deadline, cancel)
-        except BaseException:
-            if self._withdraw(wake):
-                self._leave()
-            raise
-        if not self._withdraw(wake):
-            return False
-        undo.callback(self._leave)
-        return True
+            self._queue.append(ticket)
+        wait_for(ticket.wake, deadline, cancel)
+        return ticket.granted
 
-    def _withdraw(self, wake: threading.Event) -> bool:
-        with self._mutex:
-            if wake in self._granted:
-                self._granted.discard(wake)
-                return True
-            self._queue.remove(wake)
-            return False
+    def _grant(self, ticket: _Ticket) -> None:
+        self._holders.add(ticket)
+        ticket.granted = True
+        ticket.wake.set()
 
-    def _leave(self) -> None:
+    def _leave(self, ticket: _Ticket) -> None:
         with self._mutex:
-            if self._queue:
-                # Hand the unit straight to the next in line.
-                wake = self._queue.popleft()
-                self._granted.add(wake)
-                wake.set()
-            else:
-                self._in_use -= 1
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                return
+            if ticket not in self._holders:
+                return
+            self._holders.discard(ticket)
+            # Hand the unit straight to the next in line.
+            while self._queue and self._has_room():
+                self._grant(self._queue.popleft())
             listeners = list(self.release_listeners)
         for listener in listeners:
             listener.set()
 
     def reset_after_fork(self) -> None:
-        self._in_use = 0
         self._mutex = threading.Lock()
+        self._holders.clear()
         self._queue.clear()
-        self._granted.clear()
         self.release_listeners.clear()
 
 
@@ -184,13 +188,22 @@ class Scheduler:
                 raise self._refusal(wait, started, cancel)
             slot: Path | None = None
             if self._slots:
-                hold = self._take_slot(wait=wait, deadline=deadline, cancel=cancel, started=started)
-                undo.callback(hold.release)
+                for core in self._slots:
+                    undo.callback(core.release_if_held)
+                hold = self._take_slot(
+                    undo, wait=wait, deadline=deadline, cancel=cancel, started=started
+                )
                 slot = hold.core_path
             return Permit(undo.pop_all(), slot)
 
     def _take_slot(
-        self, *, wait: bool, deadline: float | None, cancel: CancelEvent | None, started: float
+        self,
+        undo: Undo,
+        *,
+        wait: bool,
+        deadline: float | None,
+        cancel: CancelEvent | None,
+        started: float,
     ) -> Hold:
         while True:
             for core in self._slots:
@@ -200,40 +213,43 @@ class Scheduler:
                     continue
             if not wait or remaining(deadline) == 0.0 or is_cancelled(cancel):
                 raise self._refusal(wait, started, cancel)
-            granted = self._wait_for_any_slot(deadline, cancel)
+            granted = self._wait_for_any_slot(undo, deadline, cancel)
             if granted is not None:
-                core, fd = granted
+                core, kernel_wait = granted
                 try:
-                    return core.acquire(wait=False, tier_taken=True, locked_fd=fd)
+                    return core.acquire(wait=False, tier_taken=True, granted_wait=kernel_wait)
                 except LockBusy:
-                    # Another thread of ours passed the slot's gate first.
-                    oslock.unlock(fd, core.path)
-                    lockfile.close(fd)
+                    continue  # another thread of ours passed the slot's gate first
 
     def _wait_for_any_slot(
-        self, deadline: float | None, cancel: CancelEvent | None
-    ) -> tuple[LockCore, int] | None:
-        """Block in the kernel on every slot at once; return the first granted, if any.
+        self, undo: Undo, deadline: float | None, cancel: CancelEvent | None
+    ) -> tuple[LockCore, KernelWait] | None:
+        """Block in the kernel on every slot at once; return the first one granted, if any.
 
         Also returns (None) when a permit of this process is given back, so the
-        caller looks at the slot files again.
+        caller looks at the slot files again. Every wait but the returned one
+        is settled here (released or abandoned); each is registered on
+        ``undo`` too, so an interruption settles them all.
         """
         wake = threading.Event()
         self._local.release_listeners.add(wake)
         waits: list[tuple[LockCore, KernelWait]] = []
         try:
             for core in self._slots:
-                waits.append(
-                    (core, KernelWait(core.descriptor(), core.path, shared=False, wake=wake))
-                )
+                kernel_wait = KernelWait(core.descriptor(), core.path, shared=False, wake=wake)
+                undo.callback(kernel_wait.settle)
+                waits.append((core, kernel_wait))
+                kernel_wait.start()
             wait_for(wake, deadline, cancel)
         finally:
             self._local.release_listeners.discard(wake)
-            granted = [(core, kw.fd) for core, kw in waits if kw.claim()]
-        for core, fd in granted[1:]:
-            oslock.unlock(fd, core.path)
-            lockfile.close(fd)
-        return granted[0] if granted else None
+        chosen: tuple[LockCore, KernelWait] | None = None
+        for core, kernel_wait in waits:
+            if chosen is None and kernel_wait.granted():
+                chosen = (core, kernel_wait)
+            else:
+                kernel_wait.settle()
+        return chosen
 
     def _refusal(
         self, wait: bool, started: float, cancel: CancelEvent | None

@@ -39,7 +39,9 @@ class Tier(enum.IntEnum):
     MANIFEST = 4
 
 
-_held: contextvars.ContextVar[tuple[Tier, ...]] = contextvars.ContextVar(
+# Entries are (tier, token): the token lets a release remove exactly its own
+# entry, and makes removing it twice harmless.
+_held: contextvars.ContextVar[tuple[tuple[Tier, object], ...]] = contextvars.ContextVar(
     "grex_locks_held_tiers", default=()
 )
 
@@ -78,19 +80,19 @@ def tier_check_mode() -> TierCheckMode:
 
 def held_tiers() -> tuple[Tier, ...]:
     """The tiers the calling thread or task holds, in acquisition order."""
-    return _held.get()
+    return tuple(tier for tier, _ in _held.get())
 
 
 def enter_tier(stack: Undo, tier: Tier, path: Path | None) -> None:
     """Check ``tier`` against what this thread holds and push it onto ``stack``.
 
     Raises :class:`TierViolation` in ``"raise"`` mode. The matching pop is
-    registered on ``stack`` so that unwinding an acquire (or releasing the
-    hold) drops exactly this entry.
+    registered on ``stack`` before the push, so that unwinding at any moment
+    (or releasing the hold) drops exactly this entry.
     """
     held = _held.get()
     if held and _mode != "off":
-        top = max(held)
+        top = max(entry[0] for entry in held)
         if tier <= top:
             if _mode == "raise":
                 raise TierViolation(path, held=top, requested=tier)
@@ -100,18 +102,17 @@ def enter_tier(stack: Undo, tier: Tier, path: Path | None) -> None:
                 path,
                 top.name,
             )
-    _held.set((*held, tier))
-    stack.callback(_pop_tier, tier)
+    token = object()
+    stack.callback(_pop_tier, token)
+    _held.set((*held, (tier, token)))
 
 
-def _pop_tier(tier: Tier) -> None:
+def _pop_tier(token: object) -> None:
     held = _held.get()
-    # Remove the most recent entry for this tier: releases may come in any
-    # order when a caller mixes ``release()`` and ``with`` blocks.
-    for index in range(len(held) - 1, -1, -1):
-        if held[index] == tier:
-            _held.set(held[:index] + held[index + 1 :])
-            return
+    # Releases may come in any order when a caller mixes release() and with.
+    remaining = tuple(entry for entry in held if entry[1] is not token)
+    if len(remaining) != len(held):
+        _held.set(remaining)
 
 
 def reset_after_fork() -> None:

@@ -30,22 +30,48 @@ class Undo:
     def pop_all(self) -> Undo:
         """Move every callback to a new stack (the acquire succeeded; keep them for release)."""
         moved = Undo()
+        # One statement with no call in it: no signal handler can run between
+        # the two assignments, so no callback is ever on both stacks or neither.
         moved._steps, self._steps = self._steps, []
         return moved
 
+    @property
+    def pending(self) -> bool:
+        """Whether callbacks remain (an interruption cut a :meth:`close` short)."""
+        return bool(self._steps)
+
     def close(self) -> None:
-        """Run every callback, newest first; raise the first failure at the end."""
+        """Run every callback, newest first; raise the first failure at the end.
+
+        A callback that fails is run once more before moving on: an
+        asynchronous exception (``KeyboardInterrupt`` from a signal handler)
+        can strike as a callback starts, before it has done its work. Every
+        callback registered by the lock pipeline is idempotent, so a second
+        run is safe. A step is dropped only after it has run.
+        """
         first_error: BaseException | None = None
-        steps, self._steps = self._steps, []
+        steps = self._steps
         while steps:
-            fn, args = steps.pop()
+            fn, args = steps[-1]
             try:
                 fn(*args)
             except BaseException as exc:  # noqa: BLE001 - keep unwinding, re-raise below
                 if first_error is None:
                     first_error = exc
+                with contextlib.suppress(BaseException):
+                    fn(*args)
+            steps.pop()
         if first_error is not None:
             raise first_error
+
+    def close_fully(self) -> None:
+        """:meth:`close`, then finish whatever an interruption of it left pending."""
+        try:
+            self.close()
+        finally:
+            while self._steps:
+                with contextlib.suppress(BaseException):
+                    self.close()
 
     def __enter__(self) -> Undo:
         return self
@@ -57,8 +83,9 @@ class Undo:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
-            self.close()
+            self.close_fully()
             return
         # The exception that left the block is the one to see, not an undo's.
-        with contextlib.suppress(BaseException):
-            self.close()
+        while self._steps:
+            with contextlib.suppress(BaseException):
+                self.close()

@@ -119,19 +119,29 @@ class KernelWait:
     waiting, and when the kernel finally grants it the lock it lets go at
     once — on its own description, so it can never free a lock somebody
     else took later through the lock object.
+
+    Life cycle: construct, register :meth:`settle` as the undo, :meth:`start`,
+    wait on :attr:`wake`, ask :meth:`granted`. :meth:`settle` ends it in any
+    state: it releases a granted lock, or abandons a wait still in progress.
     """
 
     def __init__(
         self, fd: int, path: Path, *, shared: bool, wake: threading.Event | None = None
     ) -> None:
-        self.fd = lockfile.reopen(fd, path)
+        self._handle = [lockfile.reopen(fd, path)]
+        self.fd = self._handle[0]
         self.path = path
         self.shared = shared
         self.wake = wake if wake is not None else threading.Event()
         self._mutex = threading.Lock()
+        self._started = False
         self._granted = False
-        self._abandoned = False
+        self._settled = False
         self._error: BaseException | None = None
+
+    def start(self) -> None:
+        """Start the helper thread's blocking ``flock``."""
+        self._started = True
         threading.Thread(target=self._run, name="grex-locks-flock-wait", daemon=True).start()
 
     def _run(self) -> None:
@@ -141,27 +151,31 @@ class KernelWait:
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
             error = exc
         with self._mutex:
-            if self._abandoned:
+            if self._settled:
+                # The caller is gone: drop what the kernel just granted.
                 if error is None:
                     oslock.unlock(self.fd, self.path)
-                lockfile.close(self.fd)
+                lockfile.close_once(self._handle)
                 return
             self._granted = error is None
             self._error = error
         self.wake.set()
 
-    def claim(self) -> bool:
-        """True if the lock was granted (the caller now owns ``fd``); else abandon the wait.
-
-        After ``False`` the helper owns the descriptor and releases and closes
-        it whenever the kernel answers. A failure of the helper's ``flock`` is
-        raised here, to the caller.
-        """
+    def granted(self) -> bool:
+        """Whether the kernel granted the lock; a failure of the helper's ``flock`` is raised."""
         with self._mutex:
-            if self._granted:
-                return True
             if self._error is not None:
-                lockfile.close(self.fd)
                 raise self._error
-            self._abandoned = True
-            return False
+            return self._granted
+
+    def settle(self) -> None:
+        """Release the lock if granted, else abandon the wait to the helper; idempotent."""
+        with self._mutex:
+            if self._settled:
+                return
+            self._settled = True
+            helper_done = self._granted or self._error is not None or not self._started
+        if helper_done:
+            if self._granted:
+                oslock.unlock(self.fd, self.path)
+            lockfile.close_once(self._handle)
