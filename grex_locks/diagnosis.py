@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 from loguru import logger
 
-from .kernel_locks import KernelLockTable, ProcessFiles
+from .kernel_locks import KernelLock, KernelLockTable, ProcessFiles
 from .lockfile import FileKey
 from .owner_record import RecordRead, RecordStatus, read_record
 
@@ -423,7 +423,21 @@ def diagnose(
     default the kernel's table is read now. A missing lock file is ``FREE``.
     """
     path = Path(lock_file).absolute()
-    probe = Probe(table)
-    result = judge(path, file_key(path), read_record(path), probe)
+    key = file_key(path)
+    if table is None:
+        table = KernelLockTable.read(inode=key[1] if key is not None else None)
+    result = judge(path, key, read_record(path), Probe(table))
     logger.debug("{}: {}", path, result.state.name)
     return result
+
+
+def diagnose_busy(lock_file: Path, key: FileKey) -> Diagnosis:
+    """Diagnose a lock that an acquire has just found held, for the error it raises.
+
+    Judged from the owner record and the processes it names, against a lock
+    table that says only "held": reading the kernel's real table can take
+    milliseconds (it waits for the kernel to quiesce its lock lists), and a
+    timeout must return on time. ``grex-locks who`` gives the full picture.
+    """
+    busy = KernelLockTable([KernelLock(kind="FLOCK", mode="WRITE", pid=0, key=key)])
+    return judge(lock_file, key, read_record(lock_file), Probe(busy))

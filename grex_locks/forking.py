@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import gate, lockfile, primitive, scheduler, slow_waits, tiers
+from . import gate, kernel_wait, lockfile, primitive, scheduler, slow_waits, tiers
 
 _after_fork_hooks: list[object] = []
 
@@ -25,6 +25,7 @@ def _after_fork_in_child() -> None:
     primitive.forget_all_after_fork()
     scheduler.reset_all_after_fork()
     slow_waits.reset_after_fork()
+    kernel_wait.reset_after_fork()
 
 
 def install() -> None:

@@ -130,8 +130,9 @@ def enter(
         if not wait:
             raise NotAdmitted(GateOutcome.BUSY)
         gate.queue.append(waiter)
-    with slow_waits.watching(*watch):
-        wait_for(waiter.wake, deadline, cancel)
+    wait_id = slow_waits.watch(stack, *watch)
+    wait_for(waiter.wake, deadline, cancel)
+    slow_waits.done(wait_id)
     # Granted or not, _leave (already registered) sets things right; a grant
     # that lands after this check is given back by it just the same.
     if not waiter.granted:

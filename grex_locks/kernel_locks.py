@@ -103,9 +103,18 @@ class KernelLockTable:
             (self._waiting if lock.waiting else self._granted)[lock.key].append(lock)
 
     @classmethod
-    def parse(cls, text: str) -> KernelLockTable:
-        """The table described by ``text`` in ``/proc/locks`` format; bad lines are skipped."""
-        parsed = (parse_line(line) for line in text.splitlines())
+    def parse(cls, text: str, *, inode: int | None = None) -> KernelLockTable:
+        """The table described by ``text`` in ``/proc/locks`` format; bad lines are skipped.
+
+        With ``inode``, only lines that can concern that inode are parsed: a
+        machine with thousands of locks makes one diagnosis pay for a regex
+        per line otherwise.
+        """
+        lines = text.splitlines()
+        if inode is not None:
+            needle = f":{inode} "
+            lines = [line for line in lines if needle in line or line.endswith(f":{inode}")]
+        parsed = (parse_line(line) for line in lines)
         return cls(lock for lock in parsed if lock is not None)
 
     @classmethod
@@ -114,7 +123,9 @@ class KernelLockTable:
         return cls(available=False, reason=reason)
 
     @classmethod
-    def read(cls, path: str = PROC_LOCKS, *, attempts: int = 4) -> KernelLockTable:
+    def read(
+        cls, path: str = PROC_LOCKS, *, attempts: int = 4, inode: int | None = None
+    ) -> KernelLockTable:
         """Read the kernel's lock table now; never raises, never takes a lock.
 
         The kernel renders the table one page per ``read()`` call and resumes
@@ -122,7 +133,7 @@ class KernelLockTable:
         can show a lock twice or skip one that was held all along. A table
         read in one call, or read twice alike, is taken as it is; otherwise
         the union of ``attempts`` reads is kept, erring towards "held" rather
-        than miss a holder.
+        than miss a holder. ``inode`` keeps only the lines about that inode.
         """
         seen: list[KernelLock] = []
         previous: bytes | None = None
@@ -136,9 +147,9 @@ class KernelLockTable:
             except OSError as exc:
                 return cls.unavailable(f"cannot read {path}: {exc.strerror or exc}")
             if calls <= 1 or data == previous:
-                return cls.parse(data.decode("ascii", "replace"))
+                return cls.parse(data.decode("ascii", "replace"), inode=inode)
             previous = data
-            seen.extend(cls.parse(data.decode("ascii", "replace")).locks)
+            seen.extend(cls.parse(data.decode("ascii", "replace"), inode=inode).locks)
         return cls(seen)
 
     def holders(self, key: FileKey, kind: str | None = "FLOCK") -> list[KernelLock]:

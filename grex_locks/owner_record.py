@@ -49,10 +49,9 @@ class _ProcessFacts:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        try:
-            self.create_time = psutil.Process(self.pid).create_time()
-        except psutil.Error:
-            self.create_time = 0.0
+        # Raises OSError (out of descriptors, say) rather than cache a wrong
+        # start time: every later record would carry it.
+        self.create_time = psutil.Process(self.pid).create_time()
         self.hostname = socket.gethostname()
         self.argv = list(sys.argv)
         # The fixed part of every record of this process, encoded once: an
@@ -107,7 +106,12 @@ def write_record(target: Path, tier: Tier, undo: Undo, lock_path: Path) -> None:
     private file over it. Raises :class:`LockIOError` naming ``lock_path``
     when the directory refuses.
     """
-    data = _encode(tier)
+    try:
+        data = _encode(tier)
+    except (OSError, psutil.Error) as exc:
+        raise LockIOError(
+            lock_path, f"cannot build the owner record for {lock_path}: {exc}"
+        ) from exc
     try:
         fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:

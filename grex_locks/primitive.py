@@ -25,9 +25,12 @@ from typing import TYPE_CHECKING
 
 from . import gate, lockfile, oslock, owner_record, slow_waits
 from .errors import LockBusy, LockCancelled, LockTimeout
+from .kernel_wait import KernelWait
+from .kernel_wait import kernel_wait as kernel_wait_for
+from .lockfile import FileKey
 from .tiers import Tier, enter_tier
 from .undo import Undo
-from .waiting import CancelEvent, KernelWait, is_cancelled, remaining, wait_for
+from .waiting import CancelEvent, is_cancelled, remaining, wait_for
 
 if TYPE_CHECKING:
     from .diagnosis import Diagnosis
@@ -35,12 +38,12 @@ if TYPE_CHECKING:
 _live_cores: weakref.WeakSet[LockCore] = weakref.WeakSet()
 
 
-def _diagnose(path: Path) -> Diagnosis | None:
+def _diagnose(path: Path, key: FileKey) -> Diagnosis | None:
     """Best-effort diagnosis for an error message; an error must not fail to build."""
     try:
-        from .diagnosis import diagnose  # noqa: PLC0415 - diagnostics import the core
+        from .diagnosis import diagnose_busy  # noqa: PLC0415 - diagnostics import the core
 
-        return diagnose(path)
+        return diagnose_busy(path, key)
     except Exception:  # noqa: BLE001 - a diagnosis is a courtesy, never a second failure
         return None
 
@@ -218,14 +221,16 @@ class LockCore:
         if deadline is None and cancel is None:
             # Nothing can end this wait but the kernel's grant, so block in the
             # kernel directly: the fastest hand-off there is.
-            with slow_waits.watching(self.path, self.kind):
-                oslock.lock_blocking(fd, self.path, shared=shared)
+            wait_id = slow_waits.watch(undo, self.path, self.kind)
+            oslock.lock_blocking(fd, self.path, shared=shared)
+            slow_waits.done(wait_id)
             return fd
-        kernel_wait = KernelWait(fd, self.path, shared=shared)
+        kernel_wait = kernel_wait_for(fd, self.path, self.key, shared=shared)
         undo.callback(kernel_wait.settle)
         kernel_wait.start()
-        with slow_waits.watching(self.path, self.kind):
-            wait_for(kernel_wait.wake, deadline, cancel)
+        wait_id = slow_waits.watch(undo, self.path, self.kind)
+        wait_for(kernel_wait.wake, deadline, cancel)
+        slow_waits.done(wait_id)
         return kernel_wait.fd if kernel_wait.granted() else None
 
     def descriptor(self) -> int:
@@ -264,7 +269,7 @@ class LockCore:
             return LockCancelled(
                 self.path, f"waiting for {self.kind} {self.path} was cancelled after {waited:.3f} s"
             )
-        holder = _diagnose(self.path)
+        holder = _diagnose(self.path, self.key)
         summary = holder.holder_summary() if holder is not None else ""
         clause = f": {summary}" if summary else ""
         if outcome == gate.GateOutcome.BUSY:

@@ -24,10 +24,12 @@ from typing import Any
 from loguru import logger
 
 from .errors import LockBusy, LockCancelled, LockTimeout
+from .kernel_wait import KernelWait
+from .kernel_wait import kernel_wait as kernel_wait_for
 from .primitive import Hold, LockCore
 from .tiers import Tier, enter_tier
 from .undo import Undo
-from .waiting import CancelEvent, KernelWait, deadline_after, is_cancelled, remaining, wait_for
+from .waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
 
 
 class Permit:
@@ -236,7 +238,9 @@ class Scheduler:
         waits: list[tuple[LockCore, KernelWait]] = []
         try:
             for core in self._slots:
-                kernel_wait = KernelWait(core.descriptor(), core.path, shared=False, wake=wake)
+                kernel_wait = kernel_wait_for(
+                    core.descriptor(), core.path, core.key, shared=False, wake=wake
+                )
                 undo.callback(kernel_wait.settle)
                 waits.append((core, kernel_wait))
                 kernel_wait.start()

@@ -14,11 +14,11 @@ import functools
 import itertools
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from loguru import logger
+
+from .undo import Undo
 
 #: A wait longer than this is logged (at WARNING) with who holds the lock.
 SLOW_WAIT_SECONDS = 5.0
@@ -66,11 +66,16 @@ def _monitor_loop() -> None:
             )
 
 
-@contextmanager
-def watching(path: Path, kind: str) -> Iterator[None]:
-    """Register a blocking wait on ``path`` for the slow-wait monitor while the block runs."""
+def watch(undo: Undo, path: Path, kind: str) -> int:
+    """Register a blocking wait on ``path`` with the slow-wait monitor; return its id.
+
+    Its removal is registered on ``undo`` first, so an interrupted wait is
+    forgotten when the acquire unwinds; :func:`done` forgets it as soon as
+    the wait ends normally.
+    """
     global _monitor  # noqa: PLW0603 - one monitor thread per process, started lazily
     wait_id = next(_ids)
+    undo.callback(done, wait_id)
     with _cond:
         _waits[wait_id] = (time.monotonic(), path, kind)
         if _monitor is None:
@@ -79,11 +84,13 @@ def watching(path: Path, kind: str) -> Iterator[None]:
             )
             _monitor.start()
         _cond.notify()
-    try:
-        yield
-    finally:
-        with _cond:
-            _waits.pop(wait_id, None)
+    return wait_id
+
+
+def done(wait_id: int) -> None:
+    """Forget the wait ``wait_id`` (idempotent)."""
+    with _cond:
+        _waits.pop(wait_id, None)
 
 
 def reset_after_fork() -> None:

@@ -65,13 +65,34 @@ class Undo:
             raise first_error
 
     def close_fully(self) -> None:
-        """:meth:`close`, then finish whatever an interruption of it left pending."""
-        try:
-            self.close()
-        finally:
-            while self._steps:
-                with contextlib.suppress(BaseException):
+        """:meth:`close`, resumed until no callback is left; then raise the first failure.
+
+        An asynchronous exception can cut :meth:`close` short between two
+        callbacks (steps that were not run stay on the stack); this goes on
+        with them. It narrows the window in which a signal handler's exception
+        can skip an undo to a few bytecodes; closing it entirely is beyond
+        Python code, which cannot mask its own signal handlers.
+        """
+        first_error: BaseException | None = None
+        while True:
+            try:
+                while self._steps:
                     self.close()
+                break
+            except BaseException as exc:  # noqa: BLE001 - finish unwinding, re-raise below
+                if first_error is None:
+                    first_error = exc
+        if first_error is not None:
+            raise first_error
+
+    def __del__(self) -> None:
+        # The last line of defence: an asynchronous exception that struck
+        # where no handler could finish the unwinding (at the entry of
+        # ``__exit__``, say) leaves steps on a stack nobody references any
+        # more. Run them now rather than leave a lock held for good.
+        if getattr(self, "_steps", None):
+            with contextlib.suppress(BaseException):
+                self.close_fully()
 
     def __enter__(self) -> Undo:
         return self
@@ -86,6 +107,5 @@ class Undo:
             self.close_fully()
             return
         # The exception that left the block is the one to see, not an undo's.
-        while self._steps:
-            with contextlib.suppress(BaseException):
-                self.close()
+        with contextlib.suppress(BaseException):
+            self.close_fully()

@@ -13,11 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from pathlib import Path
-from types import TracebackType
 from typing import Protocol
-
-from . import lockfile, oslock
 
 #: How long a cancel watcher sleeps inside ``cancel.wait()`` before checking
 #: whether its wait is over; it bounds how long an idle watcher thread
@@ -52,26 +48,17 @@ def remaining(deadline: float | None) -> float | None:
 
 
 class _CancelWatcher:
-    """Sets ``wake`` as soon as ``cancel`` is set, until the wait is over."""
+    """Sets ``wake`` as soon as ``cancel`` is set, until :meth:`stop`."""
 
     def __init__(self, cancel: CancelEvent, wake: threading.Event) -> None:
         self._cancel = cancel
         self._wake = wake
         self._done = False
-        self._thread = threading.Thread(
-            target=self._run, name="grex-locks-cancel-watch", daemon=True
-        )
 
-    def __enter__(self) -> _CancelWatcher:
-        self._thread.start()
-        return self
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="grex-locks-cancel-watch", daemon=True).start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self._done = True
 
     def _run(self) -> None:
@@ -95,8 +82,14 @@ def wait_for(wake: threading.Event, deadline: float | None, cancel: CancelEvent 
         return
     if cancel.is_set():
         return
-    with _CancelWatcher(cancel, wake):
+    watcher = _CancelWatcher(cancel, wake)
+    try:
+        # Inside the try: an interruption while the thread starts must still
+        # stop it, or it would watch the cancel event forever.
+        watcher.start()
         wake.wait(remaining(deadline))
+    finally:
+        watcher.stop()
 
 
 def is_cancelled(cancel: CancelEvent | None) -> bool:
@@ -107,75 +100,3 @@ def is_cancelled(cancel: CancelEvent | None) -> bool:
         return bool(cancel.is_set())
     except Exception:  # noqa: BLE001 - see _CancelWatcher._run
         return True
-
-
-class KernelWait:
-    """A blocking ``flock`` on a private descriptor, run in a helper thread.
-
-    Blocking ``flock`` cannot be interrupted, so a wait with a deadline or a
-    cancel event hands it to a helper thread and waits for that thread's
-    verdict instead. The helper waits on a descriptor of its own (a fresh
-    open file description): if the caller gives up, the helper keeps
-    waiting, and when the kernel finally grants it the lock it lets go at
-    once — on its own description, so it can never free a lock somebody
-    else took later through the lock object.
-
-    Life cycle: construct, register :meth:`settle` as the undo, :meth:`start`,
-    wait on :attr:`wake`, ask :meth:`granted`. :meth:`settle` ends it in any
-    state: it releases a granted lock, or abandons a wait still in progress.
-    """
-
-    def __init__(
-        self, fd: int, path: Path, *, shared: bool, wake: threading.Event | None = None
-    ) -> None:
-        self._handle = [lockfile.reopen(fd, path)]
-        self.fd = self._handle[0]
-        self.path = path
-        self.shared = shared
-        self.wake = wake if wake is not None else threading.Event()
-        self._mutex = threading.Lock()
-        self._started = False
-        self._granted = False
-        self._settled = False
-        self._error: BaseException | None = None
-
-    def start(self) -> None:
-        """Start the helper thread's blocking ``flock``."""
-        self._started = True
-        threading.Thread(target=self._run, name="grex-locks-flock-wait", daemon=True).start()
-
-    def _run(self) -> None:
-        error: BaseException | None = None
-        try:
-            oslock.lock_blocking(self.fd, self.path, shared=self.shared)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-            error = exc
-        with self._mutex:
-            if self._settled:
-                # The caller is gone: drop what the kernel just granted.
-                if error is None:
-                    oslock.unlock(self.fd, self.path)
-                lockfile.close_once(self._handle)
-                return
-            self._granted = error is None
-            self._error = error
-        self.wake.set()
-
-    def granted(self) -> bool:
-        """Whether the kernel granted the lock; a failure of the helper's ``flock`` is raised."""
-        with self._mutex:
-            if self._error is not None:
-                raise self._error
-            return self._granted
-
-    def settle(self) -> None:
-        """Release the lock if granted, else abandon the wait to the helper; idempotent."""
-        with self._mutex:
-            if self._settled:
-                return
-            self._settled = True
-            helper_done = self._granted or self._error is not None or not self._started
-        if helper_done:
-            if self._granted:
-                oslock.unlock(self.fd, self.path)
-            lockfile.close_once(self._handle)
