@@ -30,7 +30,8 @@ from .waiting import CancelEvent, is_cancelled, wait_for
 class _Waiter:
     thread: int
     shared: bool
-    wake: threading.Event = field(default_factory=threading.Event)
+    # Made only for a waiter that queues: most acquires never wait.
+    wake: threading.Event | None = None
     granted: bool = False
 
 
@@ -63,7 +64,8 @@ class Gate:
         while self.queue and self._admits(self.queue[0].shared):
             waiter = self.queue.popleft()
             self._admit(waiter)
-            waiter.wake.set()
+            if waiter.wake is not None:
+                waiter.wake.set()
 
     def _unused(self) -> bool:
         return self.writer is None and not self.readers and not self.queue
@@ -129,6 +131,7 @@ def enter(
             return
         if not wait:
             raise NotAdmitted(GateOutcome.BUSY)
+        waiter.wake = threading.Event()
         gate.queue.append(waiter)
     wait_id = slow_waits.watch(stack, *watch)
     wait_for(waiter.wake, deadline, cancel)

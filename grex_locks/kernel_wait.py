@@ -11,7 +11,9 @@ through the lock object.
 A helper left behind is not wasted: the next wait on the same file and mode
 in this process takes it over instead of starting another thread. A retry
 loop of short timeouts against a lock held for an hour therefore keeps one
-helper thread and one descriptor, not one per attempt.
+helper thread and one descriptor, not one per attempt. Each taker gets its
+own :class:`KernelWait` handle; a handle that has been superseded can no
+longer settle (release or abandon) the helper it once owned.
 """
 
 from __future__ import annotations
@@ -24,123 +26,143 @@ from .lockfile import FileKey
 
 _IdleKey = tuple[FileKey, bool]
 _idle_mutex = threading.Lock()
-_idle: dict[_IdleKey, list[KernelWait]] = {}
+_idle: dict[_IdleKey, list[_Helper]] = {}
 
 
-class KernelWait:
-    """A blocking ``flock`` on a private descriptor, run in a helper thread.
+class _Helper:
+    """The helper thread's side: one blocking flock on a private descriptor."""
 
-    Life cycle: get one from :func:`kernel_wait`, register :meth:`settle` as
-    the undo, :meth:`start`, wait on :attr:`wake`, ask :meth:`granted`.
-    :meth:`settle` ends it in any state: it releases a granted lock, or leaves
-    a wait still in progress to the helper (or to the next waiter).
-    """
-
-    def __init__(
-        self, fd: int, path: Path, key: FileKey, *, shared: bool, wake: threading.Event
-    ) -> None:
-        self._handle = [lockfile.reopen(fd, path)]
-        self.fd = self._handle[0]
+    def __init__(self, fd: int, path: Path, key: FileKey, shared: bool) -> None:
+        self.handle = [lockfile.reopen(fd, path)]
+        self.fd = self.handle[0]
         self.path = path
         self.key = key
         self.shared = shared
-        self.wake = wake
-        self._mutex = threading.Lock()
-        self._started = False
-        self._finished = False
-        self._granted = False
-        self._settled = False
-        self._error: BaseException | None = None
+        self.mutex = threading.Lock()
+        self.owner: KernelWait | None = None
+        self.wake = threading.Event()
+        self.started = False
+        self.finished = False
+        self.granted = False
+        self.error: BaseException | None = None
 
-    def start(self) -> None:
-        """Start the helper thread's blocking ``flock`` (a taken-over wait runs already)."""
-        if self._started:
-            return
-        self._started = True
-        threading.Thread(target=self._run, name="grex-locks-flock-wait", daemon=True).start()
-
-    def _run(self) -> None:
+    def run(self) -> None:
         error: BaseException | None = None
         try:
             oslock.lock_blocking(self.fd, self.path, shared=self.shared)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
             error = exc
-        with self._mutex:
-            self._finished = True
-            abandoned = self._settled
+        with self.mutex:
+            self.finished = True
+            abandoned = self.owner is None
             if not abandoned:
-                self._granted = error is None
-                self._error = error
+                self.granted = error is None
+                self.error = error
+            wake = self.wake
         if not abandoned:
-            self.wake.set()
+            wake.set()
             return
         # Nobody wants it any more: drop what the kernel just granted.
         _forget_idle(self)
         if error is None:
             oslock.unlock(self.fd, self.path)
-        lockfile.close_once(self._handle)
+        lockfile.close_once(self.handle)
+
+
+class KernelWait:
+    """One caller's claim on a helper's blocking ``flock``.
+
+    Life cycle: get one from :func:`kernel_wait`, register :meth:`settle` as
+    the undo, :meth:`start`, wait on :attr:`wake`, ask :meth:`granted`.
+    :meth:`settle` ends the claim in any state: it releases a granted lock,
+    or leaves a wait still in progress to the helper (or to the next taker).
+    It is idempotent, and does nothing once another taker owns the helper.
+    """
+
+    def __init__(self, helper: _Helper, wake: threading.Event) -> None:
+        self._helper = helper
+        self.wake = wake
+        self.fd = helper.fd
+
+    def start(self) -> None:
+        """Start the helper thread's blocking ``flock`` (a taken-over one runs already)."""
+        helper = self._helper
+        with helper.mutex:
+            if helper.started or helper.owner is not self:
+                return
+            helper.started = True
+        threading.Thread(target=helper.run, name="grex-locks-flock-wait", daemon=True).start()
 
     def granted(self) -> bool:
-        """Whether the kernel granted the lock; a failure of the helper's ``flock`` is raised."""
-        with self._mutex:
-            if self._error is not None:
-                raise self._error
-            return self._granted
+        """Whether the kernel granted this claim the lock; a failed ``flock`` is raised."""
+        helper = self._helper
+        with helper.mutex:
+            if helper.owner is not self:
+                return False
+            if helper.error is not None:
+                raise helper.error
+            return helper.granted
 
     def settle(self) -> None:
         """Release the lock if granted, else leave the wait behind; idempotent."""
-        with self._mutex:
-            if self._settled:
+        helper = self._helper
+        with helper.mutex:
+            if helper.owner is not self:
                 return
-            self._settled = True
-            running = self._started and not self._finished
+            helper.owner = None
+            running = helper.started and not helper.finished
+            granted = helper.granted
         if running:
             with _idle_mutex:
-                _idle.setdefault((self.key, self.shared), []).append(self)
+                _idle.setdefault((helper.key, helper.shared), []).append(helper)
             return
-        if self._granted:
-            oslock.unlock(self.fd, self.path)
-        lockfile.close_once(self._handle)
+        if granted:
+            oslock.unlock(helper.fd, helper.path)
+        lockfile.close_once(helper.handle)
 
-    def _take_over(self, wake: threading.Event) -> bool:
-        with self._mutex:
-            if not self._settled or self._finished:
-                return False
-            self._settled = False
-            self.wake = wake
-            return True
+
+def _take_over(helper: _Helper, wake: threading.Event) -> KernelWait | None:
+    with helper.mutex:
+        if helper.owner is not None or helper.finished or not helper.started:
+            return None
+        claim = KernelWait(helper, wake)
+        helper.owner = claim
+        helper.wake = wake
+        return claim
 
 
 def kernel_wait(
     fd: int, path: Path, key: FileKey, *, shared: bool, wake: threading.Event | None = None
 ) -> KernelWait:
-    """A kernel wait on the file behind ``fd``: one left behind and still blocked, or a new one."""
+    """A claim on a kernel wait for the file behind ``fd``: a left-behind helper, or a new one."""
     wake = wake if wake is not None else threading.Event()
     with _idle_mutex:
-        idle = _idle.get((key, shared))
+        idle = _idle.get((key, shared), [])
         while idle:
-            candidate = idle.pop()
-            if not idle:
-                del _idle[(key, shared)]
-            if candidate._take_over(wake):
-                return candidate
-            idle = _idle.get((key, shared))
-    return KernelWait(fd, path, key, shared=shared, wake=wake)
+            claim = _take_over(idle.pop(), wake)
+            if claim is not None:
+                return claim
+        _idle.pop((key, shared), None)
+    helper = _Helper(fd, path, key, shared)
+    claim = KernelWait(helper, wake)
+    helper.owner = claim
+    helper.wake = wake
+    return claim
 
 
-def _forget_idle(wait: KernelWait) -> None:
+def _forget_idle(helper: _Helper) -> None:
     with _idle_mutex:
-        idle = _idle.get((wait.key, wait.shared))
-        if idle and wait in idle:
-            idle.remove(wait)
+        idle = _idle.get((helper.key, helper.shared))
+        if idle and helper in idle:
+            idle.remove(helper)
             if not idle:
-                del _idle[(wait.key, wait.shared)]
+                del _idle[(helper.key, helper.shared)]
 
 
 def idle_count() -> int:
     """How many left-behind helper threads are still blocked in ``flock``."""
     with _idle_mutex:
-        return sum(len(waits) for waits in _idle.values())
+        return sum(len(helpers) for helpers in _idle.values())
 
 
 def reset_after_fork() -> None:
