@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import lockfile, oslock
 from .lockfile import FileKey
+from .undo import Undo
 
 _IdleKey = tuple[FileKey, bool]
 _idle_mutex = threading.Lock()
@@ -72,8 +73,9 @@ class _Helper:
 class KernelWait:
     """One caller's claim on a helper's blocking ``flock``.
 
-    Life cycle: get one from :func:`kernel_wait`, register :meth:`settle` as
-    the undo, :meth:`start`, wait on :attr:`wake`, ask :meth:`granted`.
+    Life cycle: get one from :func:`kernel_wait` (which registers
+    :meth:`settle` as an undo), :meth:`start`, wait on :attr:`wake`, ask
+    :meth:`granted`.
     :meth:`settle` ends the claim in any state: it releases a granted lock,
     or leaves a wait still in progress to the helper (or to the next taker).
     It is idempotent, and does nothing once another taker owns the helper.
@@ -121,32 +123,44 @@ class KernelWait:
         lockfile.close_once(helper.handle)
 
 
-def _take_over(helper: _Helper, wake: threading.Event) -> KernelWait | None:
+def _claim(helper: _Helper, wake: threading.Event, undo: Undo) -> KernelWait | None:
     with helper.mutex:
-        if helper.owner is not None or helper.finished or not helper.started:
+        if helper.owner is not None or helper.finished:
             return None
         claim = KernelWait(helper, wake)
+        # Registered before the claim owns anything: an interruption right
+        # after leaves an unowned helper, which drops the lock when granted.
+        undo.callback(claim.settle)
         helper.owner = claim
         helper.wake = wake
         return claim
 
 
 def kernel_wait(
-    fd: int, path: Path, key: FileKey, *, shared: bool, wake: threading.Event | None = None
+    fd: int,
+    path: Path,
+    key: FileKey,
+    undo: Undo,
+    *,
+    shared: bool,
+    wake: threading.Event | None = None,
 ) -> KernelWait:
-    """A claim on a kernel wait for the file behind ``fd``: a left-behind helper, or a new one."""
+    """Claim a kernel wait for the file behind ``fd``: a left-behind helper, or a new one.
+
+    The claim's :meth:`KernelWait.settle` is registered on ``undo``.
+    """
     wake = wake if wake is not None else threading.Event()
     with _idle_mutex:
         idle = _idle.get((key, shared), [])
         while idle:
-            claim = _take_over(idle.pop(), wake)
+            claim = _claim(idle.pop(), wake, undo)
             if claim is not None:
                 return claim
         _idle.pop((key, shared), None)
     helper = _Helper(fd, path, key, shared)
-    claim = KernelWait(helper, wake)
-    helper.owner = claim
-    helper.wake = wake
+    claim = _claim(helper, wake, undo)
+    if claim is None:  # pragma: no cover - a new helper has no owner and has not run
+        raise RuntimeError("a new kernel wait could not be claimed")
     return claim
 
 

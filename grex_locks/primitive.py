@@ -225,8 +225,7 @@ class LockCore:
             oslock.lock_blocking(fd, self.path, shared=shared)
             slow_waits.done(wait_id)
             return fd
-        kernel_wait = kernel_wait_for(fd, self.path, self.key, shared=shared)
-        undo.callback(kernel_wait.settle)
+        kernel_wait = kernel_wait_for(fd, self.path, self.key, undo, shared=shared)
         kernel_wait.start()
         wait_id = slow_waits.watch(undo, self.path, self.kind)
         wait_for(kernel_wait.wake, deadline, cancel)

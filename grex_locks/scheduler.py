@@ -239,9 +239,8 @@ class Scheduler:
         try:
             for core in self._slots:
                 kernel_wait = kernel_wait_for(
-                    core.descriptor(), core.path, core.key, shared=False, wake=wake
+                    core.descriptor(), core.path, core.key, undo, shared=False, wake=wake
                 )
-                undo.callback(kernel_wait.settle)
                 waits.append((core, kernel_wait))
                 kernel_wait.start()
             wait_for(wake, deadline, cancel)

@@ -1,0 +1,314 @@
+"""acquire_all: several locks of one tier, in one deadlock-free order, as one tier hold."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers_locks import (
+    DEADLINE,
+    Children,
+    InThread,
+    acquire_all_repeatedly,
+    assert_clean,
+    hold_lock,
+    max_inside,
+    must_wait,
+    read_audit,
+    try_lock,
+    wait_until_blocked,
+)
+
+from grex_locks import (
+    BackendLock,
+    LockBusy,
+    LockCancelled,
+    LockTimeout,
+    ManifestLock,
+    PackLock,
+    Scheduler,
+    Tier,
+    TierViolation,
+    WorkspaceBusy,
+    WorkspaceLock,
+    acquire_all,
+    set_tier_check,
+    tiers,
+)
+from grex_locks.tiers import TierCheckMode
+
+
+@pytest.fixture(autouse=True)
+def _registry_empty_after() -> Iterator[None]:
+    yield
+    assert_clean()
+
+
+def _packs(tmp_path: Path, count: int = 2) -> list[PackLock]:
+    """``count`` pack locks, in the order acquire_all takes them (by lock file identity)."""
+    locks = [PackLock(tmp_path / f"pack-{n}") for n in range(count)]
+
+    def identity(lock: PackLock) -> tuple[int, int]:
+        st = lock.path.stat()
+        return (st.st_dev, st.st_ino)
+
+    return sorted(locks, key=identity)
+
+
+def _free_for_another_thread(lock: PackLock | WorkspaceLock) -> None:
+    """Another thread can take ``lock`` without waiting (and gives it back)."""
+    InThread(lambda: lock.try_acquire().release()).result()
+
+
+# -- no deadlock -------------------------------------------------------------------------------
+
+
+def test_opposite_orders_in_two_threads_never_deadlock(tmp_path: Path) -> None:
+    a, b = _packs(tmp_path)
+    rounds = 1000
+    mutex = threading.Lock()
+    inside = 0
+    go = threading.Event()
+
+    def take(order: list[PackLock]) -> int:
+        nonlocal inside
+        must_wait(go, "the start signal")
+        for _ in range(rounds):
+            # A deadlock would end in LockTimeout here rather than hang.
+            with acquire_all(order, timeout=DEADLINE) as group:
+                with mutex:
+                    inside += 1
+                    assert inside == 1, "two groups of the same packs held at once"
+                assert all(lock.held for lock in group.locks)
+                with mutex:
+                    inside -= 1
+        return rounds
+
+    forward = InThread(lambda: take([a, b]))
+    # The other thread goes through lock objects of its own, given the other way round.
+    backward = InThread(lambda: take([PackLock(b.path.parent), PackLock(a.path.parent)]))
+    go.set()
+    assert forward.result(5 * DEADLINE) == rounds
+    assert backward.result(5 * DEADLINE) == rounds
+    assert not a.held
+    assert not b.held
+
+
+def test_opposite_orders_in_two_processes_never_deadlock(tmp_path: Path) -> None:
+    a, b = _packs(tmp_path)
+    log = tmp_path / "audit.log"
+    rounds = 200
+    with Children("spawn") as children:
+        start = children.barrier(2)
+        children.start(acquire_all_repeatedly, [a, b], log, rounds, start)
+        children.start(acquire_all_repeatedly, [b, a], log, rounds, start)
+        assert children.results(timeout=4 * DEADLINE) == [rounds, rounds]
+    entries = read_audit(log)
+    assert len(entries) == 4 * rounds
+    assert max_inside(entries) == 1
+
+
+def test_the_order_taken_does_not_depend_on_the_order_given(tmp_path: Path) -> None:
+    locks = _packs(tmp_path, 4)
+    for given in (locks, locks[::-1], [locks[2], locks[0], locks[3], locks[1]]):
+        with acquire_all(given) as group:
+            assert [lock.path for lock in group.locks] == [lock.path for lock in locks]
+
+
+# -- failure releases what was taken -----------------------------------------------------------
+
+
+def test_a_timeout_on_b_held_by_another_process_leaves_a_free(tmp_path: Path) -> None:
+    a, b = _packs(tmp_path)
+    with Children("spawn") as children:
+        held, release = children.event(), children.event()
+        children.start(hold_lock, PackLock(b.path.parent), held, release)
+        must_wait(held, "the other process to take B")
+        for given in ([a, b], [b, a]):
+            with pytest.raises(LockTimeout) as caught:
+                acquire_all(given, timeout=0.1)
+            assert caught.value.path == b.path
+            assert not a.held
+            assert not b.held
+            assert tiers.held_tiers() == ()
+            # A is free: for another thread, and for another process.
+            _free_for_another_thread(a)
+        checker = Children("spawn")
+        with checker:
+            checker.start(try_lock, a)
+            assert checker.results() == ["acquired"]
+        release.set()
+        children.results()
+    with acquire_all([b, a], timeout=0):
+        pass
+
+
+def test_a_cancel_while_waiting_for_b_leaves_a_free(tmp_path: Path) -> None:
+    a, b = _packs(tmp_path)
+    with Children("spawn") as children:
+        held, release = children.event(), children.event()
+        children.start(hold_lock, PackLock(b.path.parent), held, release)
+        must_wait(held, "the other process to take B")
+        cancel = threading.Event()
+        waiter = InThread(lambda: acquire_all([b, a], cancel=cancel))
+        wait_until_blocked([b.path], os.getpid())
+        assert a.held, "A is taken before B is waited for"
+        cancel.set()
+        with pytest.raises(LockCancelled):
+            waiter.result()
+        assert not a.held
+        assert not b.held
+        _free_for_another_thread(a)
+        release.set()
+        children.results()
+
+
+def test_a_busy_workspace_in_a_group_leaves_the_others_free(tmp_path: Path) -> None:
+    workspaces = [WorkspaceLock(tmp_path / f"ws-{n}") for n in range(3)]
+    busy = WorkspaceLock(workspaces[1].path.parent)
+    held, release = threading.Event(), threading.Event()
+
+    def sync() -> None:
+        with busy:
+            held.set()
+            must_wait(release, "the release signal")
+
+    syncing = InThread(sync)
+    try:
+        must_wait(held, "the other sync")
+        with pytest.raises(WorkspaceBusy):
+            acquire_all(workspaces, timeout=60)
+        assert not any(lock.held for lock in workspaces)
+        for lock in (workspaces[0], workspaces[2]):
+            _free_for_another_thread(lock)
+    finally:
+        release.set()
+        syncing.result()
+
+
+@pytest.mark.parametrize("mode", ["raise", "off"])
+def test_a_lock_this_thread_already_holds_is_refused_and_nothing_is_kept(
+    tmp_path: Path, mode: TierCheckMode
+) -> None:
+    """Re-entry is checked first, in every tier check mode (API.md, Tiers): LockBusy."""
+    a, b, c = _packs(tmp_path, 3)
+    set_tier_check(mode)
+    try:
+        with b, pytest.raises(LockBusy):
+            acquire_all([a, PackLock(b.path.parent), c])
+    finally:
+        set_tier_check("raise")
+    assert not a.held
+    assert not c.held
+    with acquire_all([a, b, c]):
+        pass
+
+
+# -- the group's shape -------------------------------------------------------------------------
+
+
+def test_the_same_lock_given_twice_is_taken_once(tmp_path: Path) -> None:
+    a, b = _packs(tmp_path)
+    again = PackLock(a.path.parent / ".." / a.path.parent.name)
+    with acquire_all([a, b, a, again, b]) as group:
+        assert len(group.locks) == 2
+        assert a.held
+        assert b.held
+        assert tiers.held_tiers() == (Tier.PER_PACK,)
+    assert not a.held
+    assert not b.held
+    assert not again.held
+
+
+def test_an_empty_list_is_a_no_op(tmp_path: Path) -> None:
+    with acquire_all([]) as group:
+        assert group.locks == []
+        assert tiers.held_tiers() == ()
+        # Any tier can still be taken.
+        with WorkspaceLock(tmp_path):
+            pass
+    with acquire_all(iter(())):
+        pass
+
+
+def test_locks_of_different_tiers_are_a_value_error(tmp_path: Path) -> None:
+    pack = PackLock(tmp_path / "pack")
+    backend = BackendLock(tmp_path / "repos" / "dest")
+    manifest = ManifestLock(tmp_path / ".grex.lock")
+    for mixed in ([pack, backend], [manifest, pack], [pack, pack, manifest]):
+        with pytest.raises(ValueError, match="one tier"):
+            acquire_all(mixed)
+        assert not pack.held
+        assert not backend.held
+        assert not manifest.held
+        assert tiers.held_tiers() == ()
+
+
+def test_a_group_is_one_tier_hold_with_inner_tiers_allowed_inside(tmp_path: Path) -> None:
+    a, b, c = _packs(tmp_path, 3)
+    scheduler = Scheduler(2)
+    with scheduler.acquire(), acquire_all([a, b]):
+        assert tiers.held_tiers() == (Tier.SEMAPHORE, Tier.PER_PACK)
+        with pytest.raises(TierViolation):
+            c.acquire(timeout=0)
+        with pytest.raises(TierViolation):
+            acquire_all([c])
+        with BackendLock(tmp_path / "repos" / "a"):
+            assert tiers.held_tiers() == (Tier.SEMAPHORE, Tier.PER_PACK, Tier.BACKEND)
+    assert tiers.held_tiers() == ()
+
+
+def test_an_inner_lock_inside_a_group(tmp_path: Path) -> None:
+    a, b = _packs(tmp_path)
+    with acquire_all([a, b]):
+        assert tiers.held_tiers() == (Tier.PER_PACK,)
+        with BackendLock(tmp_path / "repos" / "dest"):
+            assert tiers.held_tiers() == (Tier.PER_PACK, Tier.BACKEND)
+            with ManifestLock(tmp_path / ".grex.lock").write():
+                assert tiers.held_tiers() == (Tier.PER_PACK, Tier.BACKEND, Tier.MANIFEST)
+        with acquire_all([BackendLock(tmp_path / "r" / "x"), BackendLock(tmp_path / "r" / "y")]):
+            assert tiers.held_tiers() == (Tier.PER_PACK, Tier.BACKEND)
+    assert tiers.held_tiers() == ()
+
+
+# -- releasing a group -------------------------------------------------------------------------
+
+
+def _release_left_over(*locks: PackLock) -> None:
+    """Clean up after a group that could not be released (so one bug fails one test)."""
+    for lock in locks:
+        if lock.held:
+            lock.release()
+    if tiers.held_tiers():
+        tiers.reset_after_fork()
+
+
+def test_releasing_a_group_from_another_thread_is_a_runtime_error(tmp_path: Path) -> None:
+    a, b = _packs(tmp_path)
+    group = acquire_all([a, b])
+    try:
+        with pytest.raises(RuntimeError):
+            InThread(group.release).result()
+        # Still held, and still ours to release.
+        assert a.held
+        assert b.held
+        group.release()
+        assert not a.held
+        assert not b.held
+        assert tiers.held_tiers() == ()
+    finally:
+        _release_left_over(a, b)
+
+
+def test_releasing_a_group_twice_is_a_runtime_error(tmp_path: Path) -> None:
+    a, b = _packs(tmp_path)
+    group = acquire_all([a, b])
+    group.release()
+    try:
+        with pytest.raises(RuntimeError):
+            group.release()
+    finally:
+        _release_left_over(a, b)
