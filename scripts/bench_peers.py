@@ -1,0 +1,686 @@
+"""The libraries the benchmark compares, and the worker processes that drive them.
+
+Every adapter locks one *pack directory* and is driven the same way:
+``acquire(timeout=None, cancel=None)`` blocks until it holds the lock (True)
+or until the timeout or the cancel event ends the wait (False);
+``release()`` lets go. An adapter whose library cannot do something says so
+in its class attributes instead of faking it. To add a library, write a
+subclass of :class:`Peer` and add one line to :data:`PEERS`.
+
+A library that has no "wait forever" (the polling peers) waits at most
+:data:`MAX_WAIT` seconds, so the benchmark never hangs on them.
+
+The second half is both ends of the pipe to a worker process: the commands a
+worker runs (``w_*``), and :class:`Workers`, the parent's handle on a few
+spawned workers, whose every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import importlib
+import inspect
+import multiprocessing
+import os
+import resource
+import signal
+import threading
+import time
+import traceback
+from array import array
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import fasteners  # type: ignore[import-untyped]
+import filelock
+import portalocker
+import portalocker.utils
+
+grex_locks: ModuleType | None
+try:
+    import grex_locks
+except ImportError:  # the library under test is still being written
+    grex_locks = None
+
+#: The longest any benchmark acquire waits; a wait this long is reported as a failure.
+MAX_WAIT = 60.0
+#: Deadline for a worker command that does not wait for a lock.
+QUICK_CALL = 30.0
+#: The process counts of the contention scenario (one barrier each).
+PROCESS_COUNTS = (2, 4, 8)
+#: The many-packs scenario alternates grex and raw packs in this many chunks.
+CHUNKS = 10
+#: The lock file the peers use inside a pack directory (grex_locks uses its own name).
+PEER_LOCK_FILE = "peer.lock"
+
+_PL_EXCLUSIVE = portalocker.LockFlags.EXCLUSIVE
+_PL_SHARED = portalocker.LockFlags.SHARED
+
+
+def _wait(timeout: float | None) -> float:
+    return MAX_WAIT if timeout is None else timeout
+
+
+class Peer:
+    """One library's lock on one pack directory."""
+
+    #: Seconds between two tries while waiting; 0.0 means the kernel wakes the waiter.
+    poll_period: ClassVar[float] = 0.0
+    #: Whether ``acquire(timeout=...)`` is honoured.
+    can_timeout: ClassVar[bool] = True
+    #: Whether ``acquire(cancel=...)`` is honoured.
+    can_cancel: ClassVar[bool] = False
+    #: Why several objects on one path in one process do not exclude each other ("" if they do).
+    thread_unsafe: ClassVar[str] = ""
+    #: The ``grex_locks`` attribute the adapter needs ("" for the peers).
+    needs: ClassVar[str] = ""
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        self.pack = pack
+        self.shared = shared
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the adapter keeps open between cycles."""
+
+
+class RawFlock(Peer):
+    """``fcntl.flock`` on a descriptor opened once: the floor."""
+
+    can_timeout = False
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        self._fd = os.open(pack / PEER_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        fcntl.flock(self._fd, self._op)
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class PortalockerPolling(Peer):
+    """``portalocker.Lock``: opens the file, tries non-blocking, sleeps, retries."""
+
+    poll_period = float(portalocker.utils.DEFAULT_CHECK_INTERVAL)
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        flags = (_PL_SHARED if shared else _PL_EXCLUSIVE) | portalocker.LockFlags.NON_BLOCKING
+        self._lock = portalocker.Lock(pack / PEER_LOCK_FILE, timeout=MAX_WAIT, flags=flags)
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        try:
+            self._lock.acquire(timeout=_wait(timeout))
+        except portalocker.LockException:
+            return False
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class PortalockerBlocking(Peer):
+    """``portalocker.lock(fh, LOCK_EX)`` on a file opened once: the kernel wakes the waiter."""
+
+    can_timeout = False
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        self._file = open(pack / PEER_LOCK_FILE, "a")  # noqa: SIM115 - kept open across cycles
+        self._flags = _PL_SHARED if shared else _PL_EXCLUSIVE
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        portalocker.lock(self._file, self._flags)
+        return True
+
+    def release(self) -> None:
+        portalocker.unlock(self._file)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class FileLock(Peer):
+    """``filelock.FileLock``: flock, polling every 50 ms while contended."""
+
+    poll_period = 0.05
+    can_cancel = "cancel_check" in inspect.signature(filelock.FileLock.acquire).parameters
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        self._lock = filelock.FileLock(pack / PEER_LOCK_FILE, poll_interval=self.poll_period)
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        extra: dict[str, Any] = {"cancel_check": cancel.is_set} if cancel is not None else {}
+        try:
+            self._lock.acquire(timeout=_wait(timeout), **extra)
+        except filelock.Timeout:
+            return False
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class Fasteners(Peer):
+    """``fasteners.InterProcessLock``: ``lockf``, backing off from 10 ms to 100 ms."""
+
+    poll_period = 0.1
+    thread_unsafe = "lockf(3) locks belong to the process, so its threads all hold them at once"
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        self._lock = fasteners.InterProcessLock(str(pack / PEER_LOCK_FILE))
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        return bool(self._lock.acquire(timeout=_wait(timeout)))
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class FastenersRW(Peer):
+    """``fasteners.InterProcessReaderWriterLock``: ``lockf`` shared or exclusive, polling."""
+
+    poll_period = 0.1
+    thread_unsafe = Fasteners.thread_unsafe
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        self._lock = fasteners.InterProcessReaderWriterLock(str(pack / PEER_LOCK_FILE))
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        take = self._lock.acquire_read_lock if self.shared else self._lock.acquire_write_lock
+        return bool(take(timeout=_wait(timeout)))
+
+    def release(self) -> None:
+        if self.shared:
+            self._lock.release_read_lock()
+        else:
+            self._lock.release_write_lock()
+
+
+class GrexPack(Peer):
+    """``grex_locks.PackLock``, waiting without a timeout unless one is given."""
+
+    can_cancel = True
+    needs = "PackLock"
+    arm_timeout: ClassVar[bool] = False
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        assert grex_locks is not None
+        self._lock = grex_locks.PackLock(pack)
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        assert grex_locks is not None
+        if timeout is None and self.arm_timeout:
+            timeout = MAX_WAIT
+        try:
+            self._lock.acquire(timeout=timeout, cancel=cancel)
+        except (grex_locks.LockTimeout, grex_locks.LockCancelled):
+            return False
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class GrexPackTimeout(GrexPack):
+    """``grex_locks.PackLock`` with ``timeout=`` always armed (the cancellable wait)."""
+
+    arm_timeout = True
+
+
+class GrexManifest(Peer):
+    """``grex_locks.ManifestLock``: ``read()`` or ``write()``."""
+
+    can_cancel = True
+    needs = "ManifestLock"
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        assert grex_locks is not None
+        self._lock = grex_locks.ManifestLock(pack / "manifest.lock")
+        self._hold: AbstractContextManager[object] | None = None
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        assert grex_locks is not None
+        enter = self._lock.read if self.shared else self._lock.write
+        try:
+            hold = enter(timeout=timeout, cancel=cancel)
+            hold.__enter__()
+        except (grex_locks.LockTimeout, grex_locks.LockCancelled):
+            return False
+        self._hold = hold
+        return True
+
+    def release(self) -> None:
+        hold, self._hold = self._hold, None
+        assert hold is not None
+        hold.__exit__(None, None, None)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to build one benchmarked lock: a label, an adapter class, shared or not."""
+
+    label: str
+    cls: type[Peer]
+    shared: bool = False
+
+
+#: Every lock the benchmark knows, by the key used in its JSON output.
+PEERS: dict[str, Spec] = {
+    "flock": Spec("raw fcntl.flock", RawFlock),
+    "portalocker": Spec("portalocker.Lock (polling)", PortalockerPolling),
+    "portalocker-blocking": Spec("portalocker.lock (blocking)", PortalockerBlocking),
+    "filelock": Spec("filelock.FileLock", FileLock),
+    "fasteners": Spec("fasteners.InterProcessLock", Fasteners),
+    "grex": Spec("grex_locks PackLock", GrexPack),
+    "grex+timeout": Spec("grex_locks PackLock, timeout armed", GrexPackTimeout),
+    # shared / exclusive pairs for the readers-writer comparison
+    "flock-sh": Spec("raw fcntl.flock LOCK_SH", RawFlock, shared=True),
+    "flock-ex": Spec("raw fcntl.flock LOCK_EX", RawFlock),
+    "portalocker-sh": Spec("portalocker.Lock SHARED", PortalockerPolling, shared=True),
+    "portalocker-ex": Spec("portalocker.Lock EXCLUSIVE", PortalockerPolling),
+    "fasteners-r": Spec("fasteners RW lock, read", FastenersRW, shared=True),
+    "fasteners-w": Spec("fasteners RW lock, write", FastenersRW),
+    "grex-read": Spec("grex_locks ManifestLock.read()", GrexManifest, shared=True),
+    "grex-write": Spec("grex_locks ManifestLock.write()", GrexManifest),
+}
+
+
+def grex_has(*names: str) -> bool:
+    """Whether the grex_locks being benchmarked already offers every one of ``names``."""
+    return grex_locks is not None and all(hasattr(grex_locks, name) for name in names)
+
+
+def available(key: str) -> bool:
+    """Whether the lock ``key`` can be built in this checkout."""
+    needs = PEERS[key].cls.needs
+    return not needs or grex_has(needs)
+
+
+def make(key: str, pack: Path) -> Peer:
+    """Build the lock ``key`` on the pack directory ``pack`` (created if missing)."""
+    spec = PEERS[key]
+    pack.mkdir(parents=True, exist_ok=True)
+    return spec.cls(pack, shared=spec.shared)
+
+
+def label(key: str) -> str:
+    return PEERS[key].label
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class WorkerState:
+    """What one worker process keeps between commands: its adapters and its pipe."""
+
+    def __init__(self, conn: Connection, barriers: dict[int, Barrier]) -> None:
+        self.conn = conn
+        self.barriers = barriers
+        self.peers: dict[tuple[str, str], Peer] = {}
+        self.kept: list[Any] = []
+
+    def peer(self, key: str, pack: str) -> Peer:
+        if (key, pack) not in self.peers:
+            self.peers[key, pack] = make(key, Path(pack))
+        return self.peers[key, pack]
+
+
+def _increment(fd: int) -> None:
+    value = int(os.pread(fd, 20, 0) or b"0")
+    os.pwrite(fd, b"%20d" % (value + 1), 0)
+
+
+def read_counter(path: Path) -> int:
+    return int(path.read_bytes() or b"0")
+
+
+def w_hold(st: WorkerState, key: str, pack: str) -> int:
+    if not st.peer(key, pack).acquire():
+        raise TimeoutError(f"{key}: could not take the lock to hold it")
+    return os.getpid()
+
+
+def w_release(st: WorkerState, key: str, pack: str) -> float:
+    peer = st.peer(key, pack)
+    t0 = time.monotonic()
+    peer.release()
+    return t0
+
+
+def w_wait(st: WorkerState, key: str, pack: str) -> float:
+    """Block until the lock is free; report the moment it was granted."""
+    peer = st.peer(key, pack)
+    st.conn.send(("note", time.monotonic()))
+    if not peer.acquire():
+        raise TimeoutError(f"{key}: waited {MAX_WAIT} s for the handoff")
+    granted = time.monotonic()
+    peer.release()
+    return granted
+
+
+def w_contend(
+    st: WorkerState, key: str, pack: str, *, counter: str, n: int, seconds: float
+) -> dict[str, Any]:
+    peer = make(key, Path(pack))
+    fd = os.open(counter, os.O_RDWR)
+    waits = array("d")
+    try:
+        st.barriers[n].wait(QUICK_CALL)
+        start = time.monotonic()
+        end = start + seconds
+        now = start
+        while now < end:
+            if not peer.acquire():
+                raise TimeoutError(f"{key}: waited {MAX_WAIT} s under contention")
+            got = time.monotonic()
+            waits.append(got - now)
+            _increment(fd)
+            peer.release()
+            now = time.monotonic()
+        return {"cycles": len(waits), "waits": waits.tobytes(), "start": start, "end": now}
+    finally:
+        os.close(fd)
+        peer.close()
+
+
+def w_timeout_once(st: WorkerState, key: str, pack: str, timeout: float) -> float:
+    peer = st.peer(key, pack)
+    start = time.monotonic()
+    got = peer.acquire(timeout=timeout)
+    overshoot = time.monotonic() - start - timeout
+    if got:
+        peer.release()
+        raise RuntimeError(f"{key}: acquired a lock another process holds")
+    return overshoot
+
+
+def w_cancel_once(st: WorkerState, key: str, pack: str, after: float) -> float:
+    peer = st.peer(key, pack)
+    cancel = threading.Event()
+    set_at: list[float] = []
+
+    def setter() -> None:
+        time.sleep(after)
+        set_at.append(time.monotonic())
+        cancel.set()
+
+    thread = threading.Thread(target=setter, daemon=True)
+    thread.start()
+    got = peer.acquire(cancel=cancel)
+    returned = time.monotonic()
+    thread.join(QUICK_CALL)
+    if got:
+        peer.release()
+        raise RuntimeError(f"{key}: acquired a lock another process holds")
+    return returned - set_at[0]
+
+
+def w_threads(
+    st: WorkerState, key: str, pack: str, *, counter: str, n: int, seconds: float
+) -> dict[str, Any]:
+    """``n`` threads, each with its own lock object on one path, incrementing one counter."""
+    peers = [make(key, Path(pack)) for _ in range(n)]
+    fd = os.open(counter, os.O_RDWR)
+    guard = threading.Lock()
+    inside = [0]
+    overlaps = [0]
+    cycles = [0] * n
+    errors: list[str] = []
+    start = threading.Barrier(n, timeout=QUICK_CALL)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                if not peers[i].acquire():
+                    errors.append("acquire timed out")
+                    return
+                with guard:
+                    inside[0] += 1
+                    overlaps[0] += inside[0] > 1
+                _increment(fd)
+                with guard:
+                    inside[0] -= 1
+                peers[i].release()
+                cycles[i] += 1
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as this library's failure
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + MAX_WAIT)
+    elapsed = time.monotonic() - began
+    hung = any(thread.is_alive() for thread in threads)
+    final = int(os.pread(fd, 20, 0) or b"0")
+    os.close(fd)
+    if not hung:
+        for peer in peers:
+            peer.close()
+    return {
+        "cycles": cycles,
+        "final": final,
+        "overlaps": overlaps[0],
+        "errors": errors[:3],
+        "hung": hung,
+        "elapsed": elapsed,
+    }
+
+
+def w_hold_packs(st: WorkerState, packs: list[str]) -> int:
+    """Hold grex PackLocks on all of ``packs`` (tier check off: they share one tier)."""
+    assert grex_locks is not None
+    grex_locks.set_tier_check("off")
+    for pack in packs:
+        lock = grex_locks.PackLock(pack)
+        lock.acquire(timeout=QUICK_CALL)
+        st.kept.append(lock)
+    return os.getpid()
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _registry_size() -> int | None:
+    try:
+        gate = importlib.import_module("grex_locks.gate")
+    except ImportError:
+        return None
+    size = getattr(gate, "registry_size", None)
+    return int(size()) if callable(size) else None
+
+
+def _raw_pack(pack: Path) -> None:
+    pack.mkdir()
+    fd = os.open(pack / "raw.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def w_many_packs(st: WorkerState, root: str, n: int, n_raw: int) -> dict[str, Any]:
+    """Take and release ``n`` distinct PackLocks in turn; report what is left behind."""
+    assert grex_locks is not None
+    base = Path(root)
+    for i in range(100):  # let imports, caches and the allocator settle first
+        with grex_locks.PackLock(base / f"warm{i}"):
+            pass
+    gc.collect()
+    fds, rss, peak = _fd_count(), _rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    done = [0]
+
+    def grex_pack(i: int) -> None:
+        assert grex_locks is not None
+        with grex_locks.PackLock(base / f"{i:06d}"):
+            pass
+        done[0] = i + 1
+
+    def raw_pack(i: int) -> None:  # the reference: what the file system alone costs per pack
+        _raw_pack(base / f"raw{i:06d}")
+
+    def lap(body: Callable[[int], None], total: int, chunk: int) -> float:
+        start = time.perf_counter()
+        for i in range(chunk * total // CHUNKS, (chunk + 1) * total // CHUNKS):
+            body(i)
+        return time.perf_counter() - start
+
+    raw_s = grex_s = 0.0
+    error = None
+    try:
+        for chunk in range(CHUNKS):  # interleaved, so a slow spell of the disk hits both
+            raw_s += lap(raw_pack, n_raw, chunk)
+            grex_s += lap(grex_pack, n, chunk)
+    except grex_locks.LockError as exc:
+        error = f"failed at pack {done[0]:,}: {exc}"
+    gc.collect()
+    return {
+        "packs": done[0],
+        "error": error,
+        "us_per_pack": grex_s / max(1, done[0]) * 1e6,
+        "raw_us_per_pack": raw_s / max(1, n_raw) * 1e6,
+        "fds_before": fds,
+        "fds_after": _fd_count(),
+        "rss_growth_mb": (_rss() - rss) / 2**20,
+        "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024,
+        "registry": _registry_size(),
+    }
+
+
+HANDLERS: dict[str, Callable[..., Any]] = {
+    "hold": w_hold,
+    "release": w_release,
+    "wait": w_wait,
+    "contend": w_contend,
+    "timeout_once": w_timeout_once,
+    "cancel_once": w_cancel_once,
+    "threads": w_threads,
+    "hold_packs": w_hold_packs,
+    "many_packs": w_many_packs,
+}
+
+
+def worker_main(conn: Connection, barriers: dict[int, Barrier]) -> None:
+    """Serve commands from the parent until told to exit or the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    st = WorkerState(conn, barriers)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            cmd, args, kwargs = conn.recv()
+        except EOFError:
+            return
+        if cmd == "exit":
+            return
+        try:
+            result = HANDLERS[cmd](st, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - every failure goes back to the parent, with its traceback
+            conn.send(("err", f"{cmd}{args!r}:\n{traceback.format_exc()}"))
+        else:
+            conn.send(("ok", result))
+
+
+# ---------------------------------------------------------------- parent side
+
+
+class WorkerError(RuntimeError):
+    """A worker failed a command, died, or missed its deadline."""
+
+
+class Workers:
+    """A few spawned worker processes, each driven over its own pipe."""
+
+    def __init__(self, size: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.barriers = {n: ctx.Barrier(n) for n in PROCESS_COUNTS}
+        self.procs: list[SpawnProcess] = []
+        self.conns: list[Connection] = []
+        try:
+            for i in range(size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(
+                    target=worker_main, args=(child, self.barriers), name=f"bench-{i}", daemon=True
+                )
+                proc.start()
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(parent)
+            self.pids = [self.recv(i, QUICK_CALL, "ready") for i in range(size)]
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    def send(self, i: int, cmd: str, *args: Any, **kwargs: Any) -> None:
+        self.conns[i].send((cmd, args, kwargs))
+
+    def recv(self, i: int, timeout: float, kind: str = "ok") -> Any:
+        conn = self.conns[i]
+        try:
+            if not conn.poll(timeout):
+                raise WorkerError(f"worker {i} gave no answer within {timeout:.0f} s")
+            got, payload = conn.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerError(f"worker {i} died ({exc!r})") from None
+        if got == "err":
+            raise WorkerError(payload)
+        if got != kind:
+            raise WorkerError(f"worker {i} answered {got!r}, expected {kind!r}")
+        return payload
+
+    def call(self, i: int, cmd: str, *args: Any, timeout: float = QUICK_CALL, **kwargs: Any) -> Any:
+        self.send(i, cmd, *args, **kwargs)
+        return self.recv(i, timeout)
+
+    def kill(self, i: int) -> None:
+        self.procs[i].kill()
+        self.procs[i].join(5)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(("exit", (), {}))
+        for proc in self.procs:
+            proc.join(3)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(3)
+        for conn in self.conns:
+            conn.close()
