@@ -6,7 +6,7 @@ The public API; see ``API.md`` for the contract. This module holds no logic.
 from loguru import logger
 
 from . import forking
-from .diagnosis import Diagnosis, Holder, HolderState, diagnose
+from .diagnosis import Diagnosis, Holder, HolderState
 from .errors import (
     LockBusy,
     LockCancelled,
@@ -31,6 +31,7 @@ from .owner_record import OWNER_SUFFIX
 from .scan import ScanResult, WaitCycle, find_wait_cycles, scan
 from .scheduler import Permit, Scheduler
 from .tiers import Tier, set_tier_check
+from .verdict import diagnose
 
 # A library must not print into its users' programs: logging stays off until
 # the application (or the grex-locks command line) enables "grex_locks".

@@ -11,21 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from loguru import logger
 
-from .diagnosis import Diagnosis, HolderState, diagnose
+from .diagnosis import Diagnosis, HolderState
 from .errors import LockBusy, LockError, LockTimeout
 from .locks import PACK_LOCK_FILE_NAME, PackLock
 from .owner_record import record_path
+from .run_command import run_holding
 from .scan import ScanResult, prune_stale_record, scan, stale_records
+from .verdict import diagnose
 
 PROG = "grex-locks"
 _FREE_STATES = (HolderState.FREE, HolderState.STALE_RECORD)
@@ -178,50 +177,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # -- run ------------------------------------------------------------------------
 
 
-def _terminal_sent_sigint() -> bool:
-    # A Ctrl-C at a terminal reaches the whole foreground process group, the
-    # command included; forwarding it too would deliver it twice.
-    for fd in (0, 1, 2):
-        try:
-            if os.isatty(fd):
-                return os.tcgetpgrp(fd) == os.getpgrp()
-        except OSError:
-            continue
-    return False
-
-
-def _run_command(command: list[str], lock_fd: int) -> int:
-    child: subprocess.Popen[bytes] | None = None
-    pending: list[int] = []
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        del frame
-        if child is None:
-            pending.append(signum)
-        elif not (signum == signal.SIGINT and _terminal_sent_sigint()):
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            # pass_fds: the command inherits the descriptor that holds the
-            # flock, so the lock covers it even if this process is killed.
-            child = subprocess.Popen(command, pass_fds=(lock_fd,))
-        except FileNotFoundError:
-            _error(f"command not found: {command[0]}")
-            return 127
-        except PermissionError:
-            _error(f"permission denied: {command[0]}")
-            return 126
-        for signum in pending:
-            forward(signum, None)
-        status = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 128 - status if status < 0 else status
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Hold PACK's lock while CMD runs; CMD's status, 1 if the lock was not obtained."""
     command = list(args.cmd)
@@ -238,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     try:
-        return _run_command(command, lock._held_descriptor())
+        return run_holding(command, lock._held_descriptor())
     finally:
         lock.release()
 

@@ -41,7 +41,7 @@ _live_cores: weakref.WeakSet[LockCore] = weakref.WeakSet()
 def _diagnose(path: Path, key: FileKey) -> Diagnosis | None:
     """Best-effort diagnosis for an error message; an error must not fail to build."""
     try:
-        from .diagnosis import diagnose_busy  # noqa: PLC0415 - diagnostics import the core
+        from .verdict import diagnose_busy  # noqa: PLC0415 - diagnostics import the core
 
         return diagnose_busy(path, key)
     except Exception:  # noqa: BLE001 - a diagnosis is a courtesy, never a second failure

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from loguru import logger
 
-from .diagnosis import Diagnosis, HolderState, Probe, judge
+from .diagnosis import Diagnosis, HolderState
 from .kernel_locks import KernelLockTable
 from .owner_record import OWNER_SUFFIX, RecordRead, RecordStatus, read_record, record_path
+from .verdict import Probe, judge
 
 #: File names that are grex locks wherever they appear.
 LOCK_FILE_NAMES = frozenset({".grex-lock", ".grex.sync.lock", ".grex.lock"})

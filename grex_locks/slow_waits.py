@@ -30,7 +30,7 @@ _monitor: threading.Thread | None = None
 
 
 def _holder_of(path: Path) -> str:
-    from .diagnosis import diagnose  # noqa: PLC0415 - diagnostics import the core
+    from .verdict import diagnose  # noqa: PLC0415 - diagnostics import the core
 
     return diagnose(path).holder_summary() or "holder unknown"
 

@@ -20,8 +20,9 @@ from conftest import DEADLINE, wait_until_blocked
 from test_diagnosis import Holders, read_line
 
 from grex_locks.cli import main
-from grex_locks.diagnosis import Diagnosis, Holder, HolderState, diagnose
+from grex_locks.diagnosis import Diagnosis, Holder, HolderState
 from grex_locks.scan import WaitCycle, find_wait_cycles, prune_stale_record, scan
+from grex_locks.verdict import diagnose
 
 CLI = [sys.executable, "-m", "grex_locks"]
 
