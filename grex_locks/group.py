@@ -9,45 +9,22 @@ of its tier.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
-from types import TracebackType
 
 from .locks import _FileLock
 from .tiers import enter_tier
-from .undo import Undo
+from .undo import Undo, UndoHandle
 from .waiting import CancelEvent, deadline_after
 
 
-class HeldGroup:
+class HeldGroup(UndoHandle):
     """Locks taken by :func:`acquire_all`; a context manager that releases them all."""
 
-    __slots__ = ("_thread", "_undo", "locks")
+    __slots__ = ("locks",)
 
     def __init__(self, undo: Undo, locks: list[_FileLock]) -> None:
-        self._undo: Undo | None = undo
-        self._thread = threading.get_ident()
+        super().__init__(undo, "group of locks")
         self.locks = locks
-
-    def release(self) -> None:
-        """Release every lock of the group, last taken first; only the acquiring thread may."""
-        if self._undo is None:
-            raise RuntimeError("this group of locks was already released")
-        if threading.get_ident() != self._thread:
-            raise RuntimeError("a group of locks must be released by the thread that acquired it")
-        undo, self._undo = self._undo, None
-        undo.close_fully()
-
-    def __enter__(self) -> HeldGroup:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 def acquire_all(

@@ -20,7 +20,6 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from . import gate, lockfile, oslock, owner_record, slow_waits
@@ -29,7 +28,7 @@ from .kernel_wait import KernelWait
 from .kernel_wait import kernel_wait as kernel_wait_for
 from .lockfile import FileKey
 from .tiers import Tier, enter_tier
-from .undo import Undo
+from .undo import ReleasedOnExit, Undo
 from .waiting import CancelEvent, is_cancelled, remaining, wait_for
 
 if TYPE_CHECKING:
@@ -48,7 +47,7 @@ def _diagnose(path: Path, key: FileKey) -> Diagnosis | None:
         return None
 
 
-class Hold:
+class Hold(ReleasedOnExit):
     """One acquisition of a lock; a context manager that releases it on exit."""
 
     __slots__ = ("_core", "_undo", "fd", "shared", "thread")
@@ -68,17 +67,6 @@ class Hold:
     def release(self) -> None:
         """Release this hold; only the thread that acquired it may."""
         self._core.release_hold(self)
-
-    def __enter__(self) -> Hold:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 class LockCore:

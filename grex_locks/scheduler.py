@@ -18,7 +18,6 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from loguru import logger
@@ -28,39 +27,19 @@ from .kernel_wait import KernelWait
 from .kernel_wait import kernel_wait as kernel_wait_for
 from .primitive import Hold, LockCore
 from .tiers import Tier, enter_tier
-from .undo import Undo
+from .undo import Undo, UndoHandle
 from .waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
 
 
-class Permit:
+class Permit(UndoHandle):
     """Permission to run one pack operation; a context manager that gives it back."""
 
-    __slots__ = ("_thread", "_undo", "slot")
+    __slots__ = ("slot",)
 
     def __init__(self, undo: Undo, slot: Path | None) -> None:
-        self._undo: Undo | None = undo
-        self._thread = threading.get_ident()
+        super().__init__(undo, "scheduler permit")
+        #: The slot lock file this permit holds (``None`` for an in-process scheduler).
         self.slot = slot
-
-    def release(self) -> None:
-        """Give the permit back; only the thread that acquired it may."""
-        if self._undo is None:
-            raise RuntimeError("this scheduler permit was already released")
-        if threading.get_ident() != self._thread:
-            raise RuntimeError("a scheduler permit must be released by the thread that acquired it")
-        undo, self._undo = self._undo, None
-        undo.close_fully()
-
-    def __enter__(self) -> Permit:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 @dataclass(eq=False)

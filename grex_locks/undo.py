@@ -10,9 +10,10 @@ fails; the first failure is raised afterwards.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 
 class Undo:
@@ -109,3 +110,51 @@ class Undo:
         # The exception that left the block is the one to see, not an undo's.
         with contextlib.suppress(BaseException):
             self.close_fully()
+
+
+_Handle = TypeVar("_Handle", bound="ReleasedOnExit")
+
+
+class ReleasedOnExit:
+    """A context manager whose exit calls :meth:`release`."""
+
+    __slots__ = ()
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Handle) -> _Handle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class UndoHandle(ReleasedOnExit):
+    """What a successful multi-step acquire returns: its undo stack, released once.
+
+    Only the thread that acquired may release (as with ``threading.Lock``
+    owners); a second release is a ``RuntimeError``. ``what`` names the
+    thing held, for those messages.
+    """
+
+    __slots__ = ("_thread", "_undo", "_what")
+
+    def __init__(self, undo: Undo, what: str) -> None:
+        self._undo: Undo | None = undo
+        self._thread = threading.get_ident()
+        self._what = what
+
+    def release(self) -> None:
+        """Undo the acquire, last step first; only the acquiring thread may, and only once."""
+        if self._undo is None:
+            raise RuntimeError(f"this {self._what} was already released")
+        if threading.get_ident() != self._thread:
+            raise RuntimeError(f"a {self._what} must be released by the thread that acquired it")
+        undo, self._undo = self._undo, None
+        undo.close_fully()
