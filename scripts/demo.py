@@ -13,6 +13,7 @@ that workspace, cleans everything up, and exits 0 only if every check held.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from itertools import pairwise
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -79,7 +81,7 @@ def check_events(workspace: Path, expected: int) -> bool:
     overlaps = 0
     for pack_events in by_pack.values():
         pack_events.sort(key=lambda e: e["start"])
-        overlaps += sum(1 for a, b in zip(pack_events, pack_events[1:]) if b["start"] < a["end"])
+        overlaps += sum(1 for a, b in pairwise(pack_events) if b["start"] < a["end"])
     edges = sorted([(e["start"], 1) for e in events] + [(e["end"], -1) for e in events])
     running = peak = 0
     for _, step in edges:
@@ -132,6 +134,12 @@ def hold_forever(pack: Path, ready: Connection) -> None:
     signal.pause()
 
 
+def expect(pipe: Connection, word: str) -> None:
+    """Wait (with a deadline) for a child's handshake ``word`` on ``pipe``."""
+    if not pipe.poll(DEADLINE) or pipe.recv() != word:
+        raise RuntimeError(f"a demo process did not report {word!r} in time")
+
+
 def cli(*args: str) -> int:
     """Run ``grex-locks ARGS`` as a person would, showing its output."""
     print(f"\n$ grex-locks {' '.join(args)}", flush=True)
@@ -163,11 +171,11 @@ def part_two(workspace: Path, packs: list[Path]) -> bool:
     orphan_cmd: subprocess.Popen[str] | None = None
     try:
         stuck.start()
-        assert ready_r.poll(DEADLINE) and ready_r.recv() == "held"
+        expect(ready_r, "held")
         waiter.start()
-        assert ready_r.poll(DEADLINE) and ready_r.recv() == "waiting"
+        expect(ready_r, "waiting")
         doomed.start()
-        assert ready_r.poll(DEADLINE) and ready_r.recv() == "held"
+        expect(ready_r, "held")
         os.kill(doomed.pid or 0, signal.SIGKILL)
         doomed.join(DEADLINE)
 
@@ -178,7 +186,8 @@ def part_two(workspace: Path, packs: list[Path]) -> bool:
              "sh", "-c", "echo started; exec sleep 60"],
             stdout=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
-        assert orphan_cmd.stdout is not None and orphan_cmd.stdout.readline() == "started\n"
+        if orphan_cmd.stdout is None or orphan_cmd.stdout.readline() != "started\n":
+            raise RuntimeError("grex-locks run did not start its command")
         os.kill(orphan_cmd.pid, signal.SIGKILL)
         orphan_cmd.wait(DEADLINE)
 
@@ -200,10 +209,8 @@ def part_two(workspace: Path, packs: list[Path]) -> bool:
         release.set()
         if orphan_cmd is not None:
             # The orphaned `sleep` is in the session `run` started: end it.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(orphan_cmd.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for child in children:
             child.join(DEADLINE)
             if child.is_alive():
