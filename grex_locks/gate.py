@@ -54,11 +54,14 @@ class Gate:
         return self.writer is None and not self.readers
 
     def _admit(self, waiter: _Waiter) -> None:
+        # Marked granted first: an interruption between the two lines then
+        # leaves a waiter that _leave undoes (it only ever removes its own
+        # thread), never a holder that nothing will remove.
+        waiter.granted = True
         if waiter.shared:
             self.readers.add(waiter.thread)
         else:
             self.writer = waiter.thread
-        waiter.granted = True
 
     def _serve_queue(self) -> None:
         while self.queue and self._admits(self.queue[0].shared):
@@ -154,7 +157,7 @@ def _leave(key: FileKey, waiter: _Waiter) -> None:
             waiter.granted = False
             if waiter.shared:
                 gate.readers.discard(waiter.thread)
-            else:
+            elif gate.writer == waiter.thread:
                 gate.writer = None
         # A departure (even of a writer still in line) may let the next ones in.
         gate._serve_queue()

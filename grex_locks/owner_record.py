@@ -149,20 +149,26 @@ def _refused(lock_path: Path, target: Path, exc: OSError) -> LockIOError:
 def _replace_record(target: Path, data: bytes, undo: Undo, lock_path: Path) -> None:
     _note_stale(target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{next(_counter)}.tmp")
-    fd = -1
+    handle: list[int] = []
+    # Registered before the file exists (a no-op while the handle is empty),
+    # so no interruption can leave a renamed record that nothing will clear.
+    undo.callback(_clear, target, handle)
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        os.write(fd, data)
+        handle.append(
+            os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        )
+        os.write(handle[0], data)
         # rename replaces whatever sits at the record path (a symlink
         # included) instead of writing through it.
         os.rename(tmp, target)
-    except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise _refused(lock_path, target, exc) from exc
-    undo.callback(_clear, target, [fd])
+    except BaseException as exc:
+        if handle:
+            os.close(handle.pop())
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # ours (O_EXCL); gone already if the rename happened
+        if isinstance(exc, OSError):
+            raise _refused(lock_path, target, exc) from exc
+        raise
 
 
 def _note_stale(target: Path) -> None:

@@ -155,6 +155,9 @@ class LockCore:
         self.refuse_reentry()
         started = time.monotonic()
         with Undo() as undo:
+            # First in, so last out: a release cut short by an interruption
+            # leaves the hold findable, and release() again finishes it.
+            undo.callback(self._holds.pop, me, None)
             if granted_wait is not None:
                 undo.callback(granted_wait.settle)
             if not tier_taken:
@@ -183,7 +186,6 @@ class LockCore:
             if not shared:
                 owner_record.write_record(self.record_path, self.tier, undo, self.path)
             hold = Hold(self, me, shared, fd)
-            undo.callback(self._holds.pop, me, None)
             self._holds[me] = hold
             hold._undo = undo.pop_all()
         return hold
@@ -283,8 +285,12 @@ class LockCore:
                     "only the thread that acquired it may release it"
                 )
             raise RuntimeError(f"cannot release {self.kind} {self.path}: it is not held here")
-        undo, hold._undo = hold._undo, None
-        undo.close_fully()
+        undo = hold._undo
+        try:
+            undo.close_fully()
+        finally:
+            if not undo.pending:
+                hold._undo = None
 
     def release_if_held(self) -> None:
         """Release the calling thread's hold if it has one (an idempotent undo step)."""

@@ -156,5 +156,11 @@ class UndoHandle(ReleasedOnExit):
             raise RuntimeError(f"this {self._what} was already released")
         if threading.get_ident() != self._thread:
             raise RuntimeError(f"a {self._what} must be released by the thread that acquired it")
-        undo, self._undo = self._undo, None
-        undo.close_fully()
+        undo = self._undo
+        try:
+            undo.close_fully()
+        finally:
+            # Kept until every step ran: a release cut short by an
+            # interruption is finished by calling release() again.
+            if not undo.pending:
+                self._undo = None

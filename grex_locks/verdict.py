@@ -106,7 +106,22 @@ def _verdict_exclusive(
     return _Verdict(HolderState.UNKNOWN_HOLDER)
 
 
-def _verdict(
+def _holds_per_fdinfo(owner: dict[str, Any], key: FileKey, probe: Probe) -> bool:
+    """Whether the live process a record names holds the lock, by its own fdinfo.
+
+    The kernel renders ``/proc/locks`` a page per read and resumes by
+    position, so while the table changes a line can be skipped: a lock held
+    all along can be missing from it. Before calling a lock with a valid
+    record free, ask the recorded process's ``/proc/<pid>/fdinfo``, which is
+    exact (and cheap: one process).
+    """
+    pid: int = owner["pid"]
+    return probe.identity(pid, owner["create_time"]) == "alive" and bool(
+        probe.files.holds(pid, key)
+    )
+
+
+def _verdict(  # noqa: PLR0911 - one return per row of the state table
     record: RecordRead, key: FileKey, taker_pids: list[int], held: bool, probe: Probe
 ) -> _Verdict:
     owner = record.owner if record.status is RecordStatus.VALID else None
@@ -117,6 +132,8 @@ def _verdict(
     if not probe.table.available:
         return _verdict_unseen(record, probe)
     if not held:
+        if owner is not None and _holds_per_fdinfo(owner, key, probe):
+            return _Verdict(HolderState.HELD, holder_pids=[owner["pid"]])
         return _Verdict(HolderState.FREE if no_record else HolderState.STALE_RECORD)
     if taker_pids and all(lock.mode == "READ" for lock in probe.table.holders(key)):
         return _Verdict(HolderState.HELD, shared=True)
