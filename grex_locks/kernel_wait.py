@@ -24,6 +24,7 @@ from pathlib import Path
 from . import lockfile, oslock
 from .lockfile import FileKey
 from .undo import Undo
+from .waiting import start_daemon
 
 _IdleKey = tuple[FileKey, bool]
 _idle_mutex = threading.Lock()
@@ -85,6 +86,7 @@ class KernelWait:
         self._helper = helper
         self.wake = wake
         self.fd = helper.fd
+        self._finishing = False
 
     def start(self) -> None:
         """Start the helper thread's blocking ``flock`` (a taken-over one runs already)."""
@@ -93,7 +95,7 @@ class KernelWait:
             if helper.started or helper.owner is not self:
                 return
             helper.started = True
-        threading.Thread(target=helper.run, name="grex-locks-flock-wait", daemon=True).start()
+        start_daemon(helper.run, "grex-locks-flock-wait")
 
     def granted(self) -> bool:
         """Whether the kernel granted this claim the lock; a failed ``flock`` is raised."""
@@ -106,21 +108,30 @@ class KernelWait:
             return helper.granted
 
     def settle(self) -> None:
-        """Release the lock if granted, else leave the wait behind; idempotent."""
+        """Release the lock if granted, else leave the wait behind; idempotent.
+
+        Resumable too: a settle cut short by an interruption after it took
+        the release branch redoes the (idempotent) unlock and close when the
+        undo runs it again.
+        """
         helper = self._helper
         with helper.mutex:
-            if helper.owner is not self:
+            if helper.owner is self:
+                helper.owner = None
+                leave_behind = helper.started and not helper.finished
+                self._finishing = not leave_behind
+            elif not self._finishing:
                 return
-            helper.owner = None
-            running = helper.started and not helper.finished
-            granted = helper.granted
-        if running:
+            else:
+                leave_behind = False
+        if leave_behind:
             with _idle_mutex:
                 _idle.setdefault((helper.key, helper.shared), []).append(helper)
             return
-        if granted:
-            oslock.unlock(helper.fd, helper.path)
-        lockfile.close_once(helper.handle)
+        if helper.handle:
+            if helper.granted:
+                oslock.unlock(helper.fd, helper.path)
+            lockfile.close_once(helper.handle)
 
 
 def _claim(helper: _Helper, wake: threading.Event, undo: Undo) -> KernelWait | None:

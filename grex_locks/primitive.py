@@ -278,19 +278,26 @@ class LockCore:
         current = self._holds.get(me)
         if hold is None:
             hold = current
-        if hold is None or hold is not current or hold._undo is None:
+        if hold is None or hold._undo is None:
             if self._holds and current is None:
-                raise RuntimeError(
-                    f"{self.kind} {self.path} is held by another thread; "
-                    "only the thread that acquired it may release it"
-                )
+                raise self._not_this_thread()
             raise RuntimeError(f"cannot release {self.kind} {self.path}: it is not held here")
+        if hold.thread != me:
+            raise self._not_this_thread()
+        # A hold whose release was cut short still has its undo: this call
+        # finishes it (or, if only the last bookkeeping was cut, just ends it).
         undo = hold._undo
         try:
             undo.close_fully()
         finally:
             if not undo.pending:
                 hold._undo = None
+
+    def _not_this_thread(self) -> RuntimeError:
+        return RuntimeError(
+            f"{self.kind} {self.path} is held by another thread; "
+            "only the thread that acquired it may release it"
+        )
 
     def release_if_held(self) -> None:
         """Release the calling thread's hold if it has one (an idempotent undo step)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from loguru import logger
 
 from .undo import Undo
+from .waiting import start_daemon
 
 #: A wait longer than this is logged (at WARNING) with who holds the lock.
 SLOW_WAIT_SECONDS = 5.0
@@ -79,10 +80,7 @@ def watch(undo: Undo, path: Path, kind: str) -> int:
     with _cond:
         _waits[wait_id] = (time.monotonic(), path, kind)
         if _monitor is None:
-            _monitor = threading.Thread(
-                target=_monitor_loop, name="grex-locks-slow-waits", daemon=True
-            )
-            _monitor.start()
+            _monitor = start_daemon(_monitor_loop, "grex-locks-slow-waits")
         _cond.notify()
     return wait_id
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 #: How long a cancel watcher sleeps inside ``cancel.wait()`` before checking
@@ -47,6 +48,36 @@ def remaining(deadline: float | None) -> float | None:
     return max(0.0, deadline - time.monotonic())
 
 
+def _surface_interrupt(exc: RuntimeError) -> BaseException:
+    """The KeyboardInterrupt behind a CPython threading error it caused, else ``exc``.
+
+    A ``KeyboardInterrupt`` landing inside ``threading.Condition`` code (in
+    ``Thread.start()`` or ``Event.wait()``) can come out as ``RuntimeError:
+    release unlocked lock``; the person pressed Ctrl-C, so they get that back.
+    """
+    cause = exc.__context__
+    if cause is not None and not isinstance(cause, Exception):
+        return cause
+    return exc
+
+
+def _wait(event: threading.Event, timeout: float | None) -> None:
+    try:
+        event.wait(timeout)
+    except RuntimeError as exc:
+        raise _surface_interrupt(exc) from None
+
+
+def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
+    """Start a daemon thread; an interrupt that breaks its start surfaces as itself."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        raise _surface_interrupt(exc) from None
+    return thread
+
+
 class _CancelWatcher:
     """Sets ``wake`` as soon as ``cancel`` is set, until :meth:`stop`."""
 
@@ -56,7 +87,7 @@ class _CancelWatcher:
         self._done = False
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="grex-locks-cancel-watch", daemon=True).start()
+        start_daemon(self._run, "grex-locks-cancel-watch")
 
     def stop(self) -> None:
         self._done = True
@@ -78,7 +109,7 @@ def wait_for(wake: threading.Event, deadline: float | None, cancel: CancelEvent 
     The caller decides afterwards, under its own mutex, which of them it was.
     """
     if cancel is None:
-        wake.wait(remaining(deadline))
+        _wait(wake, remaining(deadline))
         return
     if cancel.is_set():
         return
@@ -87,7 +118,7 @@ def wait_for(wake: threading.Event, deadline: float | None, cancel: CancelEvent 
         # Inside the try: an interruption while the thread starts must still
         # stop it, or it would watch the cancel event forever.
         watcher.start()
-        wake.wait(remaining(deadline))
+        _wait(wake, remaining(deadline))
     finally:
         watcher.stop()
 

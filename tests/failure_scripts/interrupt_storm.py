@@ -232,9 +232,14 @@ class Storm:
             helper = thread.name in ("grex-locks-flock-wait", "grex-locks-cancel-watch")
             if not helper or thread in self.stuck:
                 continue
-            started = getattr(thread, "_started", None)  # an interrupted start() leaves it in limbo
-            if started is not None:
-                started.wait(HELPER_DEADLINE)
+            started = getattr(thread, "_started", None)
+            if started is not None and not started.is_set():
+                # An interrupt inside CPython's Thread.start() can leave the
+                # thread's _started event with its lock taken for good: the
+                # thread never runs (so it holds nothing), and waiting on that
+                # event would hang this script. Read the flag, never wait.
+                self.stuck.add(thread)
+                continue
             if thread.ident is not None:
                 thread.join(HELPER_DEADLINE)
             if thread.is_alive():
