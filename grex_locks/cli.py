@@ -68,9 +68,8 @@ def cmd_who(args: argparse.Namespace) -> int:
         _print_json(diagnoses)
     else:
         for d in diagnoses:
+            # explain() ends with "N waiting behind pid X" when anyone waits.
             print(f"{d.path}: {d.state.name}")
-            if d.waiters:
-                print(f"  {d.waiting_line()}")
             print(
                 textwrap.fill(
                     d.explain(),

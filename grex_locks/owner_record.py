@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import itertools
 import json
 import os
@@ -86,11 +87,16 @@ def build_record(tier: Tier) -> dict[str, Any]:
     return parsed
 
 
+#: Thread names as JSON strings: encoding the same few names on every acquire
+#: costs as much as the write that follows.
+_json_string = functools.lru_cache(maxsize=1024)(json.dumps)
+
+
 def _encode(tier: Tier) -> bytes:
     facts = process_facts()
-    thread = json.dumps(threading.current_thread().name)
+    thread = _json_string(threading.current_thread().name)
     return (
-        f'{{{facts.fixed_json},"thread":{thread},"tier":{int(tier)},"acquired_at":{time.time()!r}}}'
+        f'{{{facts.fixed_json},"thread":{thread},"tier":{tier.value},"acquired_at":{time.time()!r}}}'
     ).encode()
 
 
