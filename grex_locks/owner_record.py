@@ -81,12 +81,6 @@ def process_facts() -> _ProcessFacts:
     return facts
 
 
-def build_record(tier: Tier) -> dict[str, Any]:
-    """The record for the calling thread taking a lock of ``tier`` now."""
-    parsed: dict[str, Any] = json.loads(_encode(tier))
-    return parsed
-
-
 #: Thread names as JSON strings: encoding the same few names on every acquire
 #: costs as much as the write that follows.
 _json_string = functools.lru_cache(maxsize=1024)(json.dumps)
