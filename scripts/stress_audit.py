@@ -239,7 +239,10 @@ class Diagnostics:
         for diagnosis in diagnoses:
             if _state(diagnosis) != "HELD":
                 continue
-            named = [_pid_and_start(diagnosis)]
+            # A lock held only shared is HELD whatever its record says (a
+            # killed writer's record may linger under live readers): then the
+            # holders are what HELD names, not the record.
+            named = [] if getattr(diagnosis, "shared", False) else [_pid_and_start(diagnosis)]
             named += [(h.pid, h.create_time) for h in getattr(diagnosis, "holders", [])]
             for pid, start in named:
                 if isinstance(pid, int) and pid in dead and _same_start(start, dead[pid]):
