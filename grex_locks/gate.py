@@ -23,7 +23,7 @@ from pathlib import Path
 from . import slow_waits
 from .lockfile import FileKey
 from .undo import Undo
-from .waiting import CancelEvent, is_cancelled, wait_for
+from .waiting import CancelEvent, wait_for
 
 
 @dataclass(eq=False)
@@ -78,23 +78,6 @@ _mutex = threading.Lock()
 _gates: dict[FileKey, Gate] = {}
 
 
-class GateOutcome:
-    """Why :func:`enter` did not admit the caller."""
-
-    REENTRY = "re-entry"
-    BUSY = "busy"
-    TIMEOUT = "timeout"
-    CANCELLED = "cancelled"
-
-
-class NotAdmitted(Exception):
-    """Raised by :func:`enter`; the caller turns ``outcome`` into a public error."""
-
-    def __init__(self, outcome: str) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome
-
-
 def held_by_current_thread(key: FileKey) -> bool:
     """Whether the calling thread holds the lock file ``key`` in this process."""
     with _mutex:
@@ -111,14 +94,15 @@ def enter(
     deadline: float | None,
     cancel: CancelEvent | None,
     watch: tuple[Path, str],
-) -> None:
+) -> bool:
     """Admit the calling thread to ``key``'s gate, waiting in line if ``wait``.
 
     The matching :func:`_leave` is registered on ``stack`` *before* anything
     changes, and it undoes whatever stage was reached (nothing, a place in
     line, or admission): so an exception at any moment — a timeout, or a
     ``KeyboardInterrupt`` between two bytecodes — leaves no trace once the
-    caller unwinds. Raises :class:`NotAdmitted` when not admitted.
+    caller unwinds. Returns whether the thread was admitted. The caller has
+    already refused re-entry (a thread holding ``key`` never gets here).
     """
     me = threading.get_ident()
     waiter = _Waiter(me, shared)
@@ -127,13 +111,11 @@ def enter(
         gate = _gates.get(key)
         if gate is None:
             gate = _gates[key] = Gate(key)
-        if gate.held_by(me):
-            raise NotAdmitted(GateOutcome.REENTRY)
         if not gate.queue and gate._admits(shared):
             gate._admit(waiter)
-            return
+            return True
         if not wait:
-            raise NotAdmitted(GateOutcome.BUSY)
+            return False
         waiter.wake = threading.Event()
         gate.queue.append(waiter)
     wait_id = slow_waits.watch(stack, *watch)
@@ -141,8 +123,7 @@ def enter(
     slow_waits.done(wait_id)
     # Granted or not, _leave (already registered) sets things right; a grant
     # that lands after this check is given back by it just the same.
-    if not waiter.granted:
-        raise NotAdmitted(GateOutcome.CANCELLED if is_cancelled(cancel) else GateOutcome.TIMEOUT)
+    return waiter.granted
 
 
 def _leave(key: FileKey, waiter: _Waiter) -> None:

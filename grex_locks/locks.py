@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar
 
 from .errors import LockBusy, WorkspaceBusy
 from .primitive import Hold, LockCore
 from .tiers import Tier
+from .undo import ReleasedOnExit
 from .waiting import CancelEvent, deadline_after
 
 PACK_LOCK_FILE_NAME = ".grex-lock"
@@ -25,7 +25,7 @@ MANIFEST_LOCK_FILE_NAME = ".grex.lock"
 StrPath = str | os.PathLike[str]
 
 
-class _FileLock:
+class _FileLock(ReleasedOnExit):
     """A grex lock on one file: threads and processes exclude each other.
 
     Subclasses set the class attributes and :meth:`_lock_file`; nothing else.
@@ -87,14 +87,6 @@ class _FileLock:
     def __enter__(self) -> _FileLock:
         self.acquire()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A lock travels as its constructor argument, never as a held lock.

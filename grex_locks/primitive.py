@@ -162,27 +162,23 @@ class LockCore:
                 undo.callback(granted_wait.settle)
             if not tier_taken:
                 enter_tier(undo, self.tier, self.path)
-            try:
-                gate.enter(
-                    undo,
-                    self.key,
-                    shared=shared,
-                    wait=wait,
-                    deadline=deadline,
-                    cancel=cancel,
-                    watch=(self.path, self.kind),
-                )
-            except gate.NotAdmitted as refusal:
-                raise self._refusal(refusal.outcome, started, cancel) from None
+            admitted = gate.enter(
+                undo,
+                self.key,
+                shared=shared,
+                wait=wait,
+                deadline=deadline,
+                cancel=cancel,
+                watch=(self.path, self.kind),
+            )
+            if not admitted:
+                raise self._refusal(wait, started, cancel)
             if granted_wait is not None:
                 fd: int | None = granted_wait.fd
             else:
                 fd = self._lock_os(undo, shared=shared, wait=wait, deadline=deadline, cancel=cancel)
             if fd is None:
-                outcome = gate.GateOutcome.BUSY if not wait else gate.GateOutcome.TIMEOUT
-                if wait and is_cancelled(cancel):
-                    outcome = gate.GateOutcome.CANCELLED
-                raise self._refusal(outcome, started, cancel)
+                raise self._refusal(wait, started, cancel)
             if not shared:
                 owner_record.write_record(self.record_path, self.tier, undo, self.path)
             hold = Hold(self, me, shared, fd)
@@ -251,17 +247,18 @@ class LockCore:
                 self._fd_claim = None
 
     def _refusal(
-        self, outcome: str, started: float, cancel: CancelEvent | None
+        self, wait: bool, started: float, cancel: CancelEvent | None
     ) -> LockBusy | LockTimeout | LockCancelled:
+        """The error for an acquire that did not get the lock: busy, cancelled or timed out."""
         waited = time.monotonic() - started
-        if outcome == gate.GateOutcome.CANCELLED:
+        if wait and is_cancelled(cancel):
             return LockCancelled(
                 self.path, f"waiting for {self.kind} {self.path} was cancelled after {waited:.3f} s"
             )
         holder = _diagnose(self.path, self.key)
         summary = holder.holder_summary() if holder is not None else ""
         clause = f": {summary}" if summary else ""
-        if outcome == gate.GateOutcome.BUSY:
+        if not wait:
             return self.busy_error(self.path, f"{self.kind} {self.path} is busy{clause}", holder)
         return LockTimeout(
             self.path,

@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import DEADLINE, wait_until_blocked
-from test_diagnosis import Holders, read_line
+from test_diagnosis import Holders, holders_fixture, read_line  # noqa: F401 - the fixture
 
 from grex_locks.cli import main
 from grex_locks.diagnosis import Diagnosis, Holder, HolderState
@@ -41,13 +40,6 @@ CHILD = (
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
     "print(os.getpid(), flush=True); sys.stdin.read()"
 )
-
-
-@pytest.fixture
-def holders() -> Iterator[Holders]:
-    spawner = Holders()
-    yield spawner
-    spawner.close()
 
 
 @pytest.fixture

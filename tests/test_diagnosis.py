@@ -129,8 +129,8 @@ class Holders:
                     stream.close()
 
 
-@pytest.fixture
-def holders() -> Iterator[Holders]:
+@pytest.fixture(name="holders")
+def holders_fixture() -> Iterator[Holders]:
     spawner = Holders()
     yield spawner
     spawner.close()
