@@ -162,12 +162,15 @@ def _replace_record(target: Path, data: bytes, undo: Undo, lock_path: Path) -> N
         # included) instead of writing through it.
         os.rename(tmp, target)
     except BaseException as exc:
-        if handle:
-            os.close(handle.pop())
         with contextlib.suppress(OSError):
             os.unlink(tmp)  # ours (O_EXCL); gone already if the rename happened
         if isinstance(exc, OSError):
+            # open, write or rename failed: no record was placed.
+            if handle:
+                os.close(handle.pop())
             raise _refused(lock_path, target, exc) from exc
+        # An interruption (possibly just after the rename): the _clear step
+        # registered above empties whatever we wrote and closes it.
         raise
 
 
