@@ -5,8 +5,12 @@ The public API; see ``API.md`` for the contract. This module holds no logic.
 
 from loguru import logger
 
-from . import forking
-from .diagnosis import Diagnosis, Holder, HolderState
+from ._core import fork as forking
+from ._core.owner_record import OWNER_SUFFIX
+from ._core.tiers import Tier, set_tier_check
+from ._diagnostics.diagnose import diagnose
+from ._diagnostics.diagnosis import Diagnosis, Holder, HolderState
+from ._diagnostics.scan import ScanResult, WaitCycle, find_wait_cycles, scan
 from .errors import (
     LockBusy,
     LockCancelled,
@@ -27,11 +31,7 @@ from .locks import (
     PackLock,
     WorkspaceLock,
 )
-from .owner_record import OWNER_SUFFIX
-from .scan import ScanResult, WaitCycle, find_wait_cycles, scan
 from .scheduler import Permit, Scheduler
-from .tiers import Tier, set_tier_check
-from .verdict import diagnose
 
 # A library must not print into its users' programs: logging stays off until
 # the application (or the grex-locks command line) enables "grex_locks".

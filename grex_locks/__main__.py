@@ -1,5 +1,5 @@
 """``python -m grex_locks``: the ``grex-locks`` command line."""
 
-from grex_locks.cli import main
+from ._cli.main import main
 
 raise SystemExit(main())

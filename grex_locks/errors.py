@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .diagnosis import Diagnosis
-    from .tiers import Tier
+    from ._core.tiers import Tier
+    from ._diagnostics.diagnosis import Diagnosis
 
 
 def _holder_clause(holder: Diagnosis | None) -> str:

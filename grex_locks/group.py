@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ._core.tiers import enter_tier
+from ._core.undo import Undo, UndoHandle
+from ._core.waiting import CancelEvent, deadline_after
 from .locks import _FileLock
-from .tiers import enter_tier
-from .undo import Undo, UndoHandle
-from .waiting import CancelEvent, deadline_after
 
 
 class HeldGroup(UndoHandle):

@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ._core.primitive import Hold, LockCore
+from ._core.tiers import Tier
+from ._core.undo import ReleasedOnExit
+from ._core.waiting import CancelEvent, deadline_after
 from .errors import LockBusy, WorkspaceBusy
-from .primitive import Hold, LockCore
-from .tiers import Tier
-from .undo import ReleasedOnExit
-from .waiting import CancelEvent, deadline_after
 
 PACK_LOCK_FILE_NAME = ".grex-lock"
 SYNC_LOCK_FILE_NAME = ".grex.sync.lock"

@@ -22,13 +22,13 @@ from typing import Any
 
 from loguru import logger
 
+from ._core.kernel_wait import KernelWait
+from ._core.kernel_wait import kernel_wait as kernel_wait_for
+from ._core.primitive import Hold, LockCore
+from ._core.tiers import Tier, enter_tier
+from ._core.undo import Undo, UndoHandle
+from ._core.waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
 from .errors import LockBusy, LockCancelled, LockTimeout
-from .kernel_wait import KernelWait
-from .kernel_wait import kernel_wait as kernel_wait_for
-from .primitive import Hold, LockCore
-from .tiers import Tier, enter_tier
-from .undo import Undo, UndoHandle
-from .waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
 
 
 class Permit(UndoHandle):

@@ -519,7 +519,7 @@ def _rss() -> int:
 
 def _registry_size() -> int | None:
     try:
-        gate = importlib.import_module("grex_locks.gate")
+        gate = importlib.import_module("grex_locks._core.gate")
     except ImportError:
         return None
     size = getattr(gate, "registry_size", None)

@@ -45,8 +45,8 @@ from grex_locks import (
     Scheduler,
     acquire_all,
 )
-from grex_locks.gate import registry_size
-from grex_locks.tiers import held_tiers
+from grex_locks._core.gate import registry_size
+from grex_locks._core.tiers import held_tiers
 
 N_PACKS = 3
 N_BACKENDS = 2
@@ -363,7 +363,7 @@ def thread_loop(worker: Worker, tid: int) -> None:
 
 def _sabotage() -> None:
     """Make every flock of this process a no-op: processes no longer exclude each other."""
-    from grex_locks import oslock
+    from grex_locks._core import os_lock as oslock
 
     def grant(fd: int, path: Path, *, shared: bool) -> bool:
         del fd, path, shared

@@ -35,9 +35,8 @@ from grex_locks import (
     Tier,
     WorkspaceBusy,
     WorkspaceLock,
-    gate,
-    tiers,
 )
+from grex_locks._core import gate, tiers
 
 #: The bound on every handshake with a thread or child process. Generous on
 #: purpose: it only decides how long a broken test takes to fail.

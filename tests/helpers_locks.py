@@ -33,9 +33,8 @@ from grex_locks import (
     Scheduler,
     WorkspaceLock,
     acquire_all,
-    gate,
-    tiers,
 )
+from grex_locks._core import gate, tiers
 
 #: The bound on every handshake with a thread or a child process. Generous on
 #: purpose: it only decides how long a broken test takes to fail.

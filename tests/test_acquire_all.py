@@ -36,9 +36,9 @@ from grex_locks import (
     WorkspaceLock,
     acquire_all,
     set_tier_check,
-    tiers,
 )
-from grex_locks.tiers import TierCheckMode
+from grex_locks._core import tiers
+from grex_locks._core.tiers import TierCheckMode
 
 
 @pytest.fixture(autouse=True)

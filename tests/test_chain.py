@@ -31,8 +31,8 @@ from grex_locks import (
     TierViolation,
     WorkspaceLock,
     acquire_all,
-    tiers,
 )
+from grex_locks._core import tiers
 
 
 @pytest.fixture(autouse=True)

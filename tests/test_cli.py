@@ -18,10 +18,10 @@ import pytest
 from conftest import DEADLINE, wait_until_blocked
 from test_diagnosis import Holders, holders_fixture, read_line  # noqa: F401 - the fixture
 
-from grex_locks.cli import main
-from grex_locks.diagnosis import Diagnosis, Holder, HolderState
-from grex_locks.scan import WaitCycle, find_wait_cycles, prune_stale_record, scan
-from grex_locks.verdict import diagnose
+from grex_locks._cli.main import main
+from grex_locks._diagnostics.diagnose import diagnose
+from grex_locks._diagnostics.diagnosis import Diagnosis, Holder, HolderState
+from grex_locks._diagnostics.scan import WaitCycle, find_wait_cycles, prune_stale_record, scan
 
 CLI = [sys.executable, "-m", "grex_locks"]
 

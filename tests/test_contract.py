@@ -26,6 +26,7 @@ from conftest import (
 
 import grex_locks
 from grex_locks import LockBusy, LockTimeout, WorkspaceBusy, WorkspaceLock
+from grex_locks._core.tiers import held_tiers
 
 #: Ways of reaching one lock file other than the spelling it was created with.
 SPELLINGS = ("second object", "relative", "dotdot", "symlinked dir", "hard link")
@@ -147,7 +148,7 @@ def test_same_thread_reentry_is_busy_at_once(
         with pytest.raises(kind.busy_error), again:
             pytest.fail("re-entered a held lock")
         assert lock.held
-        assert grex_locks.tiers.held_tiers() == (kind.tier,)
+        assert held_tiers() == (kind.tier,)
         assert try_in_child(lock) == kind.busy_error.__name__
     with again.try_acquire():
         pass

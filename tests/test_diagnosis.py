@@ -31,11 +31,11 @@ from conftest import DEADLINE, wait_until_blocked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grex_locks.diagnosis import Diagnosis, Holder, HolderState
+from grex_locks._diagnostics.diagnose import diagnose
+from grex_locks._diagnostics.diagnosis import Diagnosis, Holder, HolderState
+from grex_locks._diagnostics.kernel_lock_table import KernelLockTable
+from grex_locks._diagnostics.scan import scan
 from grex_locks.errors import LockBusy
-from grex_locks.kernel_locks import KernelLockTable
-from grex_locks.scan import scan
-from grex_locks.verdict import diagnose
 
 #: A holder: lock argv[1] (``ex`` or ``sh`` per argv[2]); write a record per
 #: argv[3] (``own``, ``wrong-start``, ``none``); with argv[4] == ``handoff``

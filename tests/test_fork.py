@@ -22,7 +22,8 @@ import pytest
 from conftest import DEADLINE, HOLD_BACKSTOP, START_METHODS, try_in_child
 
 import grex_locks
-from grex_locks import LockBusy, PackLock, gate, tiers
+from grex_locks import LockBusy, PackLock
+from grex_locks._core import gate, tiers
 
 
 class Channel:

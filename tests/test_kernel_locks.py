@@ -14,7 +14,12 @@ from conftest import DEADLINE, wait_until_blocked
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grex_locks.kernel_locks import KernelLock, KernelLockTable, ProcessFiles, parse_line
+from grex_locks._diagnostics.kernel_lock_table import (
+    KernelLock,
+    KernelLockTable,
+    ProcessFiles,
+    parse_line,
+)
 
 needs_proc_locks = pytest.mark.skipif(
     not os.path.exists("/proc/locks"), reason="needs Linux /proc/locks"

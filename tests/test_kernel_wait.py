@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from grex_locks import LockCancelled, LockTimeout, PackLock, kernel_wait
-from grex_locks.gate import registry_size
+from grex_locks import LockCancelled, LockTimeout, PackLock
+from grex_locks._core import kernel_wait
+from grex_locks._core.gate import registry_size
 
 DEADLINE = 10.0
 _HOLD = (

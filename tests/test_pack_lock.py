@@ -53,10 +53,9 @@ from grex_locks import (
     Tier,
     TierViolation,
     WorkspaceLock,
-    gate,
-    lockfile,
-    tiers,
 )
+from grex_locks._core import gate, tiers
+from grex_locks._core import lock_file as lockfile
 
 #: What "promptly" means in an assertion: a bound that only a hang misses.
 #: How fast it really is belongs to scripts/bench.py, never to a test.
@@ -626,7 +625,8 @@ _READ_ONLY_PROBE = textwrap.dedent(
     import json, sys
     from pathlib import Path
     from grex_locks import LockIOError, PackLock
-    from grex_locks import gate, tiers
+    from grex_locks._core import gate
+    from grex_locks._core import tiers
 
     ro = Path(sys.argv[1])
     out = {}
@@ -810,7 +810,7 @@ _ENV_PROBE = textwrap.dedent(
     logger.add(sys.stderr, format="{level}|{message}")
     logger.enable("grex_locks")
     import grex_locks
-    from grex_locks import tiers
+    from grex_locks._core import tiers
     print(tiers.tier_check_mode())
     if len(sys.argv) > 1:
         grex_locks.set_tier_check(sys.argv[1])

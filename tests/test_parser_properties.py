@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grex_locks.owner_record import RecordStatus, parse_record
+from grex_locks._diagnostics.record_reader import RecordStatus, parse_record
 
 # -- parsers of untrusted input ---------------------------------------------------
 
@@ -79,7 +79,7 @@ def test_parse_record_survives_hostile_records(data: bytes) -> None:
     _check_record(data)
 
 
-kernel_locks = pytest.importorskip("grex_locks.kernel_locks")
+kernel_locks = pytest.importorskip("grex_locks._diagnostics.kernel_lock_table")
 
 #: Realistic /proc/locks fields, to build lines the parser must understand.
 LINE_PARTS = st.fixed_dictionaries(

@@ -38,9 +38,9 @@ from grex_locks import (
     Tier,
     TierViolation,
     acquire_all,
-    gate,
 )
-from grex_locks.gate import registry_size
+from grex_locks._core import gate
+from grex_locks._core.gate import registry_size
 
 N_THREADS = 3
 N_PACKS = 3
@@ -74,7 +74,7 @@ class Actor:
         self.thread.start()
 
     def _run(self) -> None:
-        from grex_locks.tiers import held_tiers
+        from grex_locks._core.tiers import held_tiers
 
         while (job := self.jobs.get()) is not None:
             try:
@@ -388,7 +388,7 @@ def test_a_group_released_from_another_thread_stays_releasable(tmp_path: Path) -
         for lock in locks:
             if lock.held:
                 lock.release()
-        from grex_locks import tiers
+        from grex_locks._core import tiers
 
         tiers.reset_after_fork()  # drop the tier the broken group leaked, for the next test
 
@@ -419,9 +419,9 @@ def test_a_left_behind_kernel_wait_has_one_owner_at_a_time(tmp_path: Path) -> No
     import subprocess
     import sys
 
-    from grex_locks import lockfile
-    from grex_locks.kernel_wait import kernel_wait
-    from grex_locks.undo import Undo
+    from grex_locks._core import lock_file as lockfile
+    from grex_locks._core.kernel_wait import kernel_wait
+    from grex_locks._core.undo import Undo
 
     path = tmp_path / "slot-0.lock"
     fd = lockfile.open_lock_file(path)

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from grex_locks import LockIOError, PackLock, Scheduler, acquire_all
-from grex_locks.gate import registry_size
-from grex_locks.owner_record import record_path
-from grex_locks.tiers import held_tiers
+from grex_locks._core.gate import registry_size
+from grex_locks._core.owner_record import record_path
+from grex_locks._core.tiers import held_tiers
 
 HOLD = """
 import fcntl, os, sys

@@ -41,9 +41,9 @@ from typing import Any
 
 import grex_locks
 from grex_locks import LockError, ManifestLock, PackLock, Scheduler, acquire_all
-from grex_locks.gate import registry_size
-from grex_locks.owner_record import record_path
-from grex_locks.tiers import held_tiers
+from grex_locks._core.gate import registry_size
+from grex_locks._core.owner_record import record_path
+from grex_locks._core.tiers import held_tiers
 
 LIBRARY = os.path.dirname(os.path.abspath(grex_locks.__file__))
 HERE = os.path.abspath(__file__)
@@ -335,7 +335,9 @@ class Storm:
 
     def recover(self) -> None:
         """Force everything free after a failure, so that later iterations are judged afresh."""
-        from grex_locks import gate, lockfile, primitive, scheduler, tiers
+        from grex_locks import scheduler
+        from grex_locks._core import gate, primitive, tiers
+        from grex_locks._core import lock_file as lockfile
 
         for fd in list(lockfile.open_descriptors):
             try:

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from grex_locks import PackLock
-from grex_locks.verdict import diagnose
+from grex_locks._diagnostics.diagnose import diagnose
 
 HOLD = """
 import sys

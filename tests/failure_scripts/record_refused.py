@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from grex_locks import LockIOError, PackLock
-from grex_locks.gate import registry_size
-from grex_locks.owner_record import record_path
-from grex_locks.tiers import held_tiers
+from grex_locks._core.gate import registry_size
+from grex_locks._core.owner_record import record_path
+from grex_locks._core.tiers import held_tiers
 
 STALE = b'{"pid": 999999, "create_time": 1.0, "hostname": "x", "thread": "t", "tier": 2}'
 

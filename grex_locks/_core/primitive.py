@@ -22,17 +22,20 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import gate, lockfile, oslock, owner_record, slow_waits
-from .errors import LockBusy, LockCancelled, LockTimeout
+from grex_locks.errors import LockBusy, LockCancelled, LockTimeout
+
+from . import gate, owner_record, slow_waits
+from . import lock_file as lockfile
+from . import os_lock as oslock
 from .kernel_wait import KernelWait
 from .kernel_wait import kernel_wait as kernel_wait_for
-from .lockfile import FileKey
+from .lock_file import FileKey
 from .tiers import Tier, enter_tier
 from .undo import ReleasedOnExit, Undo
 from .waiting import CancelEvent, is_cancelled, remaining, wait_for
 
 if TYPE_CHECKING:
-    from .diagnosis import Diagnosis
+    from grex_locks._diagnostics.diagnosis import Diagnosis
 
 _live_cores: weakref.WeakSet[LockCore] = weakref.WeakSet()
 
@@ -40,7 +43,7 @@ _live_cores: weakref.WeakSet[LockCore] = weakref.WeakSet()
 def _diagnose(path: Path, key: FileKey) -> Diagnosis | None:
     """Best-effort diagnosis for an error message; an error must not fail to build."""
     try:
-        from .verdict import diagnose_busy  # noqa: PLC0415 - diagnostics import the core
+        from grex_locks._diagnostics.diagnose import diagnose_busy  # noqa: PLC0415 - diagnostics import the core
 
         return diagnose_busy(path, key)
     except Exception:  # noqa: BLE001 - a diagnosis is a courtesy, never a second failure

@@ -23,10 +23,12 @@ from pathlib import Path
 
 from loguru import logger
 
+from grex_locks._core.owner_record import OWNER_SUFFIX, record_path
+
+from .diagnose import Probe, judge
 from .diagnosis import Diagnosis, HolderState
-from .kernel_locks import KernelLockTable
-from .owner_record import OWNER_SUFFIX, RecordRead, RecordStatus, read_record, record_path
-from .verdict import Probe, judge
+from .kernel_lock_table import KernelLockTable
+from .record_reader import RecordRead, RecordStatus, read_record
 
 #: File names that are grex locks wherever they appear.
 LOCK_FILE_NAMES = frozenset({".grex-lock", ".grex.sync.lock", ".grex.lock"})

@@ -21,7 +21,8 @@ from typing import Literal
 
 from loguru import logger
 
-from .errors import TierViolation
+from grex_locks.errors import TierViolation
+
 from .undo import Undo
 
 TierCheckMode = Literal["raise", "warn", "off"]

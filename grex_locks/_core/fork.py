@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import os
 
-from . import gate, kernel_wait, lockfile, primitive, scheduler, slow_waits, tiers
+from grex_locks import scheduler
+
+from . import gate, kernel_wait, primitive, slow_waits, tiers
+from . import lock_file as lockfile
 
 _after_fork_hooks: list[object] = []
 

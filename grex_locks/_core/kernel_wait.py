@@ -21,8 +21,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from . import lockfile, oslock
-from .lockfile import FileKey
+from . import lock_file as lockfile
+from . import os_lock as oslock
+from .lock_file import FileKey
 from .undo import Undo
 from .waiting import start_daemon
 

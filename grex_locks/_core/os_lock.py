@@ -14,7 +14,7 @@ from pathlib import Path
 import portalocker
 from portalocker.portalocker import FlockLocker
 
-from .errors import LockIOError
+from grex_locks.errors import LockIOError
 
 _locker = FlockLocker()
 _EXCLUSIVE = portalocker.LockFlags.EXCLUSIVE

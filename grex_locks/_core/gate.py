@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import slow_waits
-from .lockfile import FileKey
+from .lock_file import FileKey
 from .undo import Undo
 from .waiting import CancelEvent, wait_for
 

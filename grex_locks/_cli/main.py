@@ -18,13 +18,14 @@ from pathlib import Path
 
 from loguru import logger
 
-from .diagnosis import Diagnosis, HolderState
-from .errors import LockBusy, LockError, LockTimeout
-from .locks import PACK_LOCK_FILE_NAME, PackLock
-from .owner_record import record_path
+from grex_locks._core.owner_record import record_path
+from grex_locks._diagnostics.diagnose import diagnose
+from grex_locks._diagnostics.diagnosis import Diagnosis, HolderState
+from grex_locks._diagnostics.scan import ScanResult, prune_stale_record, scan, stale_records
+from grex_locks.errors import LockBusy, LockError, LockTimeout
+from grex_locks.locks import PACK_LOCK_FILE_NAME, PackLock
+
 from .run_command import run_holding
-from .scan import ScanResult, prune_stale_record, scan, stale_records
-from .verdict import diagnose
 
 PROG = "grex-locks"
 _FREE_STATES = (HolderState.FREE, HolderState.STALE_RECORD)

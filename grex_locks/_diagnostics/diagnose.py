@@ -17,10 +17,11 @@ from typing import Any
 
 from loguru import logger
 
+from grex_locks._core.lock_file import FileKey
+
 from .diagnosis import Diagnosis, Holder, HolderState, finite_seconds
-from .kernel_locks import KernelLock, KernelLockTable, ProcessFiles
-from .lockfile import FileKey
-from .owner_record import RecordRead, RecordStatus, read_record
+from .kernel_lock_table import KernelLock, KernelLockTable, ProcessFiles
+from .record_reader import RecordRead, RecordStatus, read_record
 
 #: psutil derives start times from the boot time, which the kernel may report a
 #: second apart between readers; a reused pid starts much later than that.

@@ -31,7 +31,7 @@ _monitor: threading.Thread | None = None
 
 
 def _holder_of(path: Path) -> str:
-    from .verdict import diagnose  # noqa: PLC0415 - diagnostics import the core
+    from grex_locks._diagnostics.diagnose import diagnose  # noqa: PLC0415 - diagnostics import the core
 
     return diagnose(path).holder_summary() or "holder unknown"
 

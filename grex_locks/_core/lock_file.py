@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import LockIOError
+from grex_locks.errors import LockIOError
 
 #: (st_dev, st_ino): what makes two spellings of a path the same lock.
 FileKey = tuple[int, int]

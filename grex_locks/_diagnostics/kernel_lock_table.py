@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lockfile import FileKey
+from grex_locks._core.lock_file import FileKey
 
 PROC_LOCKS = "/proc/locks"
 

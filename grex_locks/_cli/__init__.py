@@ -1,0 +1,1 @@
+"""The ``grex-locks`` command line: who, scan, doctor, run."""
