@@ -8,12 +8,10 @@ from loguru import logger
 from ._core import fork as forking
 from ._core.owner_record import OWNER_SUFFIX
 from ._core.tiers import Tier, set_tier_check
-from ._version import __version__
 from ._diagnostics.diagnose import diagnose
-from ._version import __version__
 from ._diagnostics.diagnosis import Diagnosis, Holder, HolderState
-from ._version import __version__
 from ._diagnostics.scan import ScanResult, WaitCycle, find_wait_cycles, scan
+from ._version import __version__
 from .errors import (
     LockBusy,
     LockCancelled,
@@ -42,7 +40,6 @@ logger.disable("grex_locks")
 forking.install()
 
 __all__ = [
-    "__version__",
     "BACKEND_LOCK_SUFFIX",
     "MANIFEST_LOCK_FILE_NAME",
     "OWNER_SUFFIX",
@@ -68,6 +65,7 @@ __all__ = [
     "WaitCycle",
     "WorkspaceBusy",
     "WorkspaceLock",
+    "__version__",
     "acquire_all",
     "diagnose",
     "find_wait_cycles",
