@@ -30,6 +30,7 @@ import threading
 import time
 import traceback
 from array import array
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -46,10 +47,13 @@ import portalocker
 import portalocker.utils
 
 grex_locks: ModuleType | None
+#: Why ``grex_locks`` could not be imported ("" when it was): the bench says so instead of dying.
+GREX_IMPORT_ERROR = ""
 try:
     import grex_locks
-except ImportError:  # the library under test is still being written
+except Exception as exc:  # noqa: BLE001 - a half-rewritten library must not stop the peers' run
     grex_locks = None
+    GREX_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 #: The longest any benchmark acquire waits; a wait this long is reported as a failure.
 MAX_WAIT = 60.0
@@ -253,6 +257,17 @@ class GrexPackTimeout(GrexPack):
     arm_timeout = True
 
 
+class GrexPackCancel(GrexPack):
+    """``grex_locks.PackLock`` with ``cancel=`` always armed (an event that is never set)."""
+
+    def __init__(self, pack: Path, *, shared: bool = False) -> None:
+        super().__init__(pack, shared=shared)
+        self._never = threading.Event()
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        return super().acquire(timeout, self._never if cancel is None else cancel)
+
+
 class GrexManifest(Peer):
     """``grex_locks.ManifestLock``: ``read()`` or ``write()``."""
 
@@ -300,6 +315,7 @@ PEERS: dict[str, Spec] = {
     "fasteners": Spec("fasteners.InterProcessLock", Fasteners),
     "grex": Spec("grex_locks PackLock", GrexPack),
     "grex+timeout": Spec("grex_locks PackLock, timeout armed", GrexPackTimeout),
+    "grex+cancel": Spec("grex_locks PackLock, cancel armed", GrexPackCancel),
     # shared / exclusive pairs for the readers-writer comparison
     "flock-sh": Spec("raw fcntl.flock LOCK_SH", RawFlock, shared=True),
     "flock-ex": Spec("raw fcntl.flock LOCK_EX", RawFlock),
@@ -582,6 +598,176 @@ def w_many_packs(st: WorkerState, root: str, n: int, n_raw: int) -> dict[str, An
     }
 
 
+#: Every thread grex_locks starts is named ``grex-locks-...``: how its helpers are counted.
+HELPER_PREFIX = "grex-locks"
+
+
+def helper_names() -> list[str]:
+    """The names of grex_locks' own threads alive in this process now."""
+    return [t.name for t in threading.enumerate() if t.name.startswith(HELPER_PREFIX)]
+
+
+class _SlotHolders:
+    """Threads that each hold one permit until :meth:`release` lets them go."""
+
+    def __init__(self, scheduler: Any, parallel: int) -> None:
+        self._let_go = threading.Event()
+        self._held = threading.Semaphore(0)
+        self._errors: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._hold, args=(scheduler,), name=f"bench-holder-{i}")
+            for i in range(parallel)
+        ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+        for _ in self._threads:
+            if not self._held.acquire(timeout=QUICK_CALL):
+                self._errors.append(f"no permit within {QUICK_CALL:.0f} s")
+                break
+        if self._errors:
+            self.release()
+            raise RuntimeError(f"could not hold every slot: {self._errors}")
+
+    def _hold(self, scheduler: Any) -> None:
+        try:
+            permit = scheduler.acquire(timeout=QUICK_CALL)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent by the constructor
+            self._errors.append(repr(exc))
+            self._held.release()
+            return
+        self._held.release()
+        self._let_go.wait()
+        permit.release()
+
+    def release(self) -> None:
+        self._let_go.set()
+        for thread in self._threads:
+            thread.join(QUICK_CALL)
+
+
+def w_hold_slots(st: WorkerState, slots_dir: str, parallel: int) -> int:
+    """Hold every slot of ``Scheduler(parallel, slots_dir=...)``, one thread per permit."""
+    assert grex_locks is not None
+    scheduler = grex_locks.Scheduler(parallel, slots_dir=slots_dir)
+    st.kept += [scheduler, _SlotHolders(scheduler, parallel)]
+    return os.getpid()
+
+
+def w_release_kept(st: WorkerState) -> None:
+    """Give back everything ``w_hold_*`` took, newest first."""
+    for item in reversed(st.kept):
+        release = getattr(item, "release", None)
+        if callable(release):
+            release()
+    st.kept.clear()
+
+
+def _busy_scheduler(st: WorkerState, slots_dir: str, parallel: int) -> Any:
+    """This worker's one scheduler on ``slots_dir`` (kept, so its slot files stay open)."""
+    assert grex_locks is not None
+    for item in st.kept:
+        if isinstance(item, grex_locks.Scheduler) and str(item.slots_dir) == slots_dir:
+            return item
+    scheduler = grex_locks.Scheduler(parallel, slots_dir=slots_dir)
+    st.kept.append(scheduler)
+    return scheduler
+
+
+def w_busy_try(st: WorkerState, slots_dir: str, parallel: int, tries: int) -> dict[str, Any]:
+    """Time ``try_acquire()`` on a scheduler whose every slot another process holds."""
+    assert grex_locks is not None
+    scheduler = _busy_scheduler(st, slots_dir, parallel)
+    seconds: list[float] = []
+    outcomes: Counter[str] = Counter()
+    for _ in range(tries):
+        start = time.perf_counter()
+        try:
+            permit = scheduler.try_acquire()
+        except grex_locks.LockBusy:
+            outcome = "LockBusy"
+        except grex_locks.LockError as exc:
+            outcome = type(exc).__name__
+        else:
+            permit.release()
+            outcome = "acquired"
+        seconds.append(time.perf_counter() - start)
+        outcomes[outcome] += 1
+    return {"seconds": seconds, "outcomes": dict(outcomes), "helpers": len(helper_names())}
+
+
+def w_busy_wait(
+    st: WorkerState, slots_dir: str, parallel: int, n: int, timeout: float
+) -> dict[str, Any]:
+    """``n`` threads call ``acquire(timeout=...)`` at once on a scheduler with no free slot.
+
+    Reports how long each call took, what it raised, and the most grex_locks helper
+    threads (and threads in all) alive at any moment, sampled every 2 ms.
+    """
+    assert grex_locks is not None
+    scheduler = _busy_scheduler(st, slots_dir, parallel)
+    baseline = helper_names()
+    took = [float("nan")] * n
+    outcomes = [""] * n
+    go = threading.Barrier(n + 1, timeout=QUICK_CALL)
+
+    def run(i: int) -> None:
+        assert grex_locks is not None
+        go.wait()
+        start = time.monotonic()
+        try:
+            permit = scheduler.acquire(timeout=timeout)
+        except grex_locks.LockTimeout:
+            outcomes[i] = "LockTimeout"
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as this library's failure
+            outcomes[i] = type(exc).__name__
+        else:
+            permit.release()
+            outcomes[i] = "acquired"
+        took[i] = time.monotonic() - start
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    go.wait()
+    began = time.monotonic()
+    peak: list[str] = baseline
+    peak_all = threading.active_count()
+    deadline = began + timeout + MAX_WAIT
+    while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
+        names = helper_names()
+        if len(names) > len(peak):
+            peak = names
+        peak_all = max(peak_all, threading.active_count())
+        time.sleep(0.002)
+    last = time.monotonic() - began
+    hung = sum(thread.is_alive() for thread in threads)
+    right_after = len(helper_names())
+    time.sleep(0.5)
+    return {
+        "took": took,
+        "last_return": last,
+        "outcomes": dict(Counter(outcomes)),
+        "hung": hung,
+        "helpers_before": len(baseline),
+        "helpers_peak": len(peak),
+        "helpers_peak_names": dict(Counter(peak)),
+        "threads_peak": peak_all,
+        "helpers_right_after": right_after,
+        "helpers_after_0_5s": len(helper_names()),
+    }
+
+
+def w_helpers_drain(st: WorkerState, within: float) -> dict[str, Any]:
+    """Wait up to ``within`` seconds for grex_locks' helper threads to end; say what is left."""
+    start = time.monotonic()
+    names = helper_names()
+    while names and time.monotonic() - start < within:
+        time.sleep(0.01)
+        names = helper_names()
+    return {"left": dict(Counter(names)), "seconds": time.monotonic() - start}
+
+
 HANDLERS: dict[str, Callable[..., Any]] = {
     "hold": w_hold,
     "release": w_release,
@@ -592,6 +778,11 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "threads": w_threads,
     "hold_packs": w_hold_packs,
     "many_packs": w_many_packs,
+    "hold_slots": w_hold_slots,
+    "release_kept": w_release_kept,
+    "busy_try": w_busy_try,
+    "busy_wait": w_busy_wait,
+    "helpers_drain": w_helpers_drain,
 }
 
 
