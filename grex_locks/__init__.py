@@ -5,7 +5,6 @@ The public API; see ``API.md`` for the contract. This module holds no logic.
 
 from loguru import logger
 
-from ._core import fork as forking
 from ._core.owner_record import OWNER_SUFFIX
 from ._core.tiers import Tier, set_tier_check
 from ._diagnostics.diagnose import diagnose
@@ -37,7 +36,6 @@ from .scheduler import Permit, Scheduler
 # A library must not print into its users' programs: logging stays off until
 # the application (or the grex-locks command line) enables "grex_locks".
 logger.disable("grex_locks")
-forking.install()
 
 __all__ = [
     "BACKEND_LOCK_SUFFIX",

@@ -56,5 +56,5 @@ def acquire_all(
             enter_tier(undo, ordered[0]._core.tier, ordered[0].path)
         for lock in ordered:
             undo.callback(lock._core.release_if_held)
-            lock._core.acquire(wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True)
+            lock._take(wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True)
         return HeldGroup(undo.pop_all(), ordered)

@@ -8,13 +8,16 @@ record, tier check, fork safety, pickling — is :class:`_FileLock`'s, once.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any, ClassVar
 
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier
-from ._core.undo import ReleasedOnExit
 from ._core.waiting import CancelEvent, deadline_after
+from ._holder_errors import holder_of, refusal
 from .errors import LockBusy, WorkspaceBusy
 
 PACK_LOCK_FILE_NAME = ".grex-lock"
@@ -25,7 +28,7 @@ MANIFEST_LOCK_FILE_NAME = ".grex.lock"
 StrPath = str | os.PathLike[str]
 
 
-class _FileLock(ReleasedOnExit):
+class _FileLock:
     """A grex lock on one file: threads and processes exclude each other.
 
     Subclasses set the class attributes and :meth:`_lock_file`; nothing else.
@@ -37,7 +40,9 @@ class _FileLock(ReleasedOnExit):
     _waits: ClassVar[bool] = True
 
     def __init__(self, target: StrPath) -> None:
-        self._target = Path(target).absolute()
+        self._target = _absolute(target, type(self).__name__)
+        #: The hold each thread's ``with`` block took, for its exit to release.
+        self._entered: dict[int, Hold] = {}
         self._core = LockCore(
             self._lock_file(self._target),
             tier=self._tier,
@@ -66,12 +71,38 @@ class _FileLock(ReleasedOnExit):
         it runs out; setting ``cancel`` raises :class:`LockCancelled` promptly,
         even while another process holds the lock.
         """
-        deadline = deadline_after(timeout)
-        return self._core.acquire(wait=self._waits, deadline=deadline, cancel=cancel)
+        return self._take(wait=self._waits, deadline=deadline_after(timeout), cancel=cancel)
 
     def try_acquire(self) -> Hold:
         """Take the lock if it is free right now; raise :class:`LockBusy` otherwise."""
-        return self._core.acquire(wait=False)
+        return self._take(wait=False)
+
+    def _take(
+        self,
+        *,
+        shared: bool = False,
+        wait: bool,
+        deadline: float | None = None,
+        cancel: CancelEvent | None = None,
+        tier_taken: bool = False,
+    ) -> Hold:
+        """The one way every public acquire goes: the core's take, or an error naming the holder."""
+        started = time.monotonic()
+        core = self._core
+        hold = core.take(
+            shared=shared, wait=wait, deadline=deadline, cancel=cancel, tier_taken=tier_taken
+        )
+        if hold is not None:
+            return hold
+        raise refusal(
+            what=f"{core.kind} {core.path}",
+            path=core.path,
+            wait=wait,
+            started=started,
+            cancel=cancel,
+            holder=holder_of(core.path, core.key),
+            busy_error=core.busy_error,
+        )
 
     def release(self) -> None:
         """Release the lock this thread took through this object."""
@@ -85,8 +116,19 @@ class _FileLock(ReleasedOnExit):
         return hold.fd
 
     def __enter__(self) -> _FileLock:
-        self.acquire()
+        self._entered[threading.get_ident()] = self.acquire()
         return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        hold = self._entered.pop(threading.get_ident(), None)
+        if hold is not None and hold.inherited:
+            return  # a `with` entered before a fork, left in the child: the parent's hold
+        self.release()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A lock travels as its constructor argument, never as a held lock.
@@ -129,7 +171,7 @@ class WorkspaceLock(_FileLock):
         """Take the workspace lock now or raise :class:`WorkspaceBusy`."""
         del cancel
         deadline_after(timeout)  # ignored, but a negative timeout is still a ValueError
-        return self._core.acquire(wait=False)
+        return self._take(wait=False)
 
 
 class BackendLock(_FileLock):
@@ -148,6 +190,11 @@ class BackendLock(_FileLock):
             # "<ws>/sub/.." names a directory whose own name is elsewhere:
             # resolve it, so the lock sits beside the directory it guards.
             target = Path(os.path.realpath(target))
+        if not target.name:
+            raise ValueError(
+                f"BackendLock needs a repository directory with a parent to sit beside, "
+                f"not {str(target)!r}"
+            )
         return target.with_name(target.name + BACKEND_LOCK_SUFFIX)
 
 
@@ -171,8 +218,17 @@ class ManifestLock(_FileLock):
 
     def read(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Hold the lock shared (no owner record) until the returned context exits."""
-        return self._core.acquire(shared=True, deadline=deadline_after(timeout), cancel=cancel)
+        return self._take(shared=True, wait=True, deadline=deadline_after(timeout), cancel=cancel)
 
     def write(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Hold the lock exclusively until the returned context exits."""
         return self.acquire(timeout=timeout, cancel=cancel)
+
+
+def _absolute(target: StrPath, kind: str) -> Path:
+    """``target`` made absolute; an empty path is an error, not the current directory."""
+    if isinstance(target, (str, os.PathLike)) and not os.fspath(target):
+        raise ValueError(f"{kind} needs a path; got an empty one")
+    if not isinstance(target, (str, os.PathLike)):
+        raise TypeError(f"{kind} needs a path (str or os.PathLike), not {target!r}")
+    return Path(target).absolute()

@@ -188,19 +188,18 @@ class Scheduler:
     ) -> Hold:
         while True:
             for core in self._slots:
-                try:
-                    return core.acquire(wait=False, tier_taken=True)
-                except LockBusy:
-                    continue
+                hold = core.take(wait=False, tier_taken=True)
+                if hold is not None:
+                    return hold
             if not wait or remaining(deadline) == 0.0 or is_cancelled(cancel):
                 raise self._refusal(wait, started, cancel)
             granted = self._wait_for_any_slot(undo, deadline, cancel)
             if granted is not None:
                 core, kernel_wait = granted
-                try:
-                    return core.acquire(wait=False, tier_taken=True, granted_wait=kernel_wait)
-                except LockBusy:
-                    continue  # another thread of ours passed the slot's gate first
+                hold = core.take(wait=False, tier_taken=True, granted_wait=kernel_wait)
+                if hold is not None:
+                    return hold
+                # Another thread of ours passed the slot's gate first: look again.
 
     def _wait_for_any_slot(
         self, undo: Undo, deadline: float | None, cancel: CancelEvent | None
@@ -277,3 +276,6 @@ def reset_all_after_fork() -> None:
     """Reset every live scheduler in a forked child."""
     for scheduler in list(_live_schedulers):
         scheduler.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=reset_all_after_fork)

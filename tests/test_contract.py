@@ -302,7 +302,7 @@ def test_owner_record_names_the_holder_and_is_cleared_on_release(
     assert isinstance(record["acquired_at"], float)
     assert isinstance(record["argv"], list)
     assert all(isinstance(arg, str) for arg in record["argv"])
-    assert not record_file.exists() or record_file.read_bytes() == b""
+    assert not record_file.exists() or record_file.read_bytes().strip() == b""
 
 
 def test_workspace_lock_never_waits(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ touch the test runner) that reports what it saw as one JSON line:
   ``LockIOError`` on construct and acquire, nothing half-held, no descriptor
   leaked once the pressure is gone;
 * no space, or a read-only file system, when the owner record is written
-  (a private mount namespace with a tiny or read-only tmpfs) → ``LockIOError``
+  (a private mount namespace with a tiny or read-only tmpfs) → the lock is
+  taken without a record
   and the lock is *not* left held: another process takes it at once;
 * ``KeyboardInterrupt`` at random points of acquire and release (an
   ``ITIMER_REAL`` storm whose handler raises inside library code only) →
@@ -52,19 +53,24 @@ def run_scenario(
 
 
 @pytest.mark.parametrize("process", ["cold", "warm"])
-def test_out_of_descriptors_is_lock_io_error_with_nothing_half_held(
+def test_out_of_descriptors_fails_cleanly_or_holds_without_a_record(
     tmp_path: Path, process: str
 ) -> None:
-    """``cold``: the process's first owner record is written out of descriptors."""
+    """``cold``: the process's first owner record is written out of descriptors.
+
+    What needs a new descriptor (a lock file, a helper's private one) is a
+    ``LockIOError`` with nothing half-held; a lock object whose lock file is
+    open already takes its lock, without a record if the record needs one.
+    """
     report = run_scenario("fd_exhaustion.py", str(tmp_path), process)
     assert report["problems"] == [], report
     outcomes = report["outcomes"]
     assert outcomes["construct"] == "LockIOError"
     assert outcomes["scheduler"] == "LockIOError"
-    assert outcomes["acquire"] == "LockIOError"
-    assert outcomes["try_acquire"] == "LockIOError"
+    assert outcomes["acquire"] == "ok"
+    assert outcomes["try_acquire"] == "ok"
     assert outcomes["wait_with_timeout"] == "LockIOError"
-    assert outcomes["acquire_all"] == "LockIOError"
+    assert outcomes["acquire_all"] == "ok"
     assert outcomes["recovered"] == "ok"
     assert report["fds_leaked"] == 0
     assert report["other_process_took_it"] is True
@@ -99,7 +105,7 @@ needs_private_tmpfs = pytest.mark.skipif(
 @needs_private_tmpfs
 @pytest.mark.parametrize("failure", ["no_space", "read_only"])
 @pytest.mark.parametrize("record_before", ["none", "empty", "stale"])
-def test_a_refused_record_write_leaves_the_lock_free(
+def test_a_refused_record_write_never_refuses_the_lock(
     tmp_path: Path, failure: str, record_before: str
 ) -> None:
     report = run_scenario(
@@ -110,8 +116,8 @@ def test_a_refused_record_write_leaves_the_lock_free(
         prefix=("unshare", "-m", "--propagation", "private"),
     )
     assert report["problems"] == [], report
-    assert report["acquire"] == "LockIOError", report
-    assert report["try_acquire"] == "LockIOError", report
+    assert report["acquire"] == "ok", report
+    assert report["try_acquire"] == "ok", report
     assert report["other_process_took_it"] is True, report
     assert report["record_after"] in ("missing", "empty", "stale"), report
     if record_before != "stale":

@@ -53,7 +53,8 @@ def lock(tmp_path: Path) -> ManifestLock:
 
 def _record_text(lock: ManifestLock) -> str:
     record = Path(str(lock.path) + OWNER_SUFFIX)
-    return record.read_text() if record.exists() else ""
+    # A released record is blanked in place: whitespace only means no record.
+    return record.read_text().strip() if record.exists() else ""
 
 
 def _lines_by_writer(data: Path) -> dict[str, list[int]]:

@@ -310,7 +310,7 @@ def test_slot_files_carry_owner_records(tmp_path: Path) -> None:
         record = json.loads(Path(str(permit.slot) + OWNER_SUFFIX).read_text())
         assert record["pid"] == os.getpid()
         assert record["thread"] == threading.current_thread().name
-    assert Path(str(permit.slot) + OWNER_SUFFIX).read_text() == ""
+    assert Path(str(permit.slot) + OWNER_SUFFIX).read_text().strip() == ""
     with Scheduler(2).acquire() as local:
         assert local.slot is None
 

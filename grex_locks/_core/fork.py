@@ -1,38 +1,42 @@
-"""What a forked child does with the locks it inherited: nothing held, nothing unlocked.
+"""Which process generation this is: how every piece of lock state knows it was inherited.
 
-A child forked while its parent holds a lock (a ``fork`` pool worker, say)
-must neither hold nor be able to release that lock. flock belongs to the
-open file description, which the child shares with its parent: unlocking
-from the child would free the parent's lock, and keeping the descriptor
-would pin the lock after the parent dies. So the child *closes* every
-inherited lock descriptor without unlocking, forgets every hold, gate and
-tier, and lets its lock objects reopen their files on first use.
+A child forked while its parent holds a lock (a ``fork`` pool worker, a
+``subprocess`` with ``preexec_fn``) must neither hold nor release that lock,
+nor touch its owner record. flock belongs to the open file description, which
+parent and child share: an unlock from the child would free the parent's
+lock, and a write to the record's descriptor would erase the parent's record.
+
+There is no central list of things to reset. Instead, in the manner of
+CPython's ``_at_fork_reinit``, each object that owns a descriptor, a mutex or
+a hold notes the generation it was made in, and when it is next used in a
+later generation it reinitialises itself (a lock object) or disarms itself (a
+hold: its release steps are dropped, never run). Module-level state registers
+its own reset with :func:`os.register_at_fork` next to its definition. So new
+state cannot be forgotten by a hub that does not know about it.
 """
 
 from __future__ import annotations
 
 import os
 
-from grex_locks import scheduler
 
-from . import gate, kernel_wait, primitive, slow_waits, tiers
-from . import lock_file as lockfile
+class _Generation:
+    """A counter bumped in every forked child, before any other reset runs."""
 
-_after_fork_hooks: list[object] = []
+    __slots__ = ("value",)
 
-
-def _after_fork_in_child() -> None:
-    lockfile.close_all_inherited()
-    gate.reset_after_fork()
-    tiers.reset_after_fork()
-    primitive.forget_all_after_fork()
-    scheduler.reset_all_after_fork()
-    slow_waits.reset_after_fork()
-    kernel_wait.reset_after_fork()
+    def __init__(self) -> None:
+        self.value = 0
 
 
-def install() -> None:
-    """Register the child-side reset once per process (idempotent)."""
-    if not _after_fork_hooks:
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-        _after_fork_hooks.append(_after_fork_in_child)
+#: ``generation.value`` is compared by every object that must not act across a fork.
+generation = _Generation()
+
+
+def _bump_in_child() -> None:
+    generation.value += 1
+
+
+# Registered at import of the core's first module: the after-fork hooks run in
+# registration order, so every later reset already sees the new generation.
+os.register_at_fork(after_in_child=_bump_in_child)

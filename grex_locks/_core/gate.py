@@ -15,6 +15,7 @@ so a stream of readers cannot starve a writer within one process.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -161,3 +162,6 @@ def reset_after_fork() -> None:
     global _mutex  # noqa: PLW0603 - recreated after fork, see docstring
     _mutex = threading.Lock()
     _gates.clear()
+
+
+os.register_at_fork(after_in_child=reset_after_fork)

@@ -18,6 +18,7 @@ longer settle (release or abandon) the helper it once owned.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -196,3 +197,6 @@ def reset_after_fork() -> None:
     global _idle_mutex  # noqa: PLW0603 - recreated after fork, like the gate's mutex
     _idle_mutex = threading.Lock()
     _idle.clear()
+
+
+os.register_at_fork(after_in_child=reset_after_fork)

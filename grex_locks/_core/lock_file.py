@@ -3,8 +3,8 @@
 A lock file is opened once per lock object, created if missing, never
 truncated, never deleted, never followed through a symlink planted at its
 own path, and never inherited across ``exec`` by accident. Every descriptor
-opened here is tracked so that a forked child can close them all without
-unlocking (see :mod:`grex_locks.forking`).
+the library owns (lock files, owner records, kernel-wait helpers') is tracked
+here, so that a forked child closes them all without unlocking.
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NON
 # shared lock file take the lock; O_NONBLOCK keeps a FIFO planted at the path
 # from hanging the open (it is refused just below, as not a regular file).
 
-#: Descriptors this process opened for locks; a forked child closes them all.
-open_descriptors: set[int] = set()
+#: Descriptors the library owns in this process; a forked child closes them all.
+_owned: set[int] = set()
+
+
+def track(fd: int) -> None:
+    """Count ``fd`` among the library's descriptors (closed in a forked child)."""
+    _owned.add(fd)
 
 
 def _refusal(path: Path, exc: OSError) -> LockIOError:
@@ -66,7 +71,7 @@ def open_lock_file(path: Path, *, make_parents: bool = True) -> int:
     if not stat.S_ISREG(mode):
         os.close(fd)
         raise LockIOError(path, f"cannot use {path} as a lock file: it is not a regular file")
-    open_descriptors.add(fd)
+    _owned.add(fd)
     return fd
 
 
@@ -90,13 +95,13 @@ def reopen(fd: int, path: Path) -> int:
                 raise LockIOError(path, f"lock file {path} was replaced while in use") from None
     except OSError as exc:
         raise _refusal(path, exc) from exc
-    open_descriptors.add(new)
+    _owned.add(new)
     return new
 
 
 def close(fd: int) -> None:
-    """Close a lock descriptor opened here (closing never unlocks a shared description)."""
-    open_descriptors.discard(fd)
+    """Close a descriptor of the library's (closing never unlocks a shared description)."""
+    _owned.discard(fd)
     os.close(fd)
 
 
@@ -116,14 +121,20 @@ def file_key(fd: int) -> FileKey:
     return (st.st_dev, st.st_ino)
 
 
-def close_all_inherited() -> None:
-    """In a forked child: close every lock descriptor without unlocking.
-
-    An unlock from the child would free the parent's lock (the description is
-    shared); a plain close only drops the child's reference, so the lock is
-    freed when the parent lets go or dies, even while the child lives on.
-    """
-    for fd in list(open_descriptors):
+def _close_all_inherited() -> None:
+    # In a forked child: close every inherited descriptor without unlocking.
+    # An unlock from the child would free the parent's lock (the description is
+    # shared); a plain close only drops the child's reference, so the lock is
+    # freed when the parent lets go or dies, even while the child lives on.
+    for fd in _owned:
         with contextlib.suppress(OSError):
             os.close(fd)
-    open_descriptors.clear()
+    _owned.clear()
+
+
+os.register_at_fork(after_in_child=_close_all_inherited)
+
+
+def owned_descriptors() -> frozenset[int]:
+    """The descriptors the library holds open in this process now."""
+    return frozenset(_owned)

@@ -1,17 +1,32 @@
 """The owner record: who holds a lock, written beside it as ``<lock>.owner``.
 
 The record is information, never authority: the kernel decides who holds a
-lock, and diagnostics check the record against the kernel. Writing goes
-through a private temporary file renamed over the record path, so a reader
-sees the old record or the new one, never half of either, and a symlink
-planted at the record path is replaced rather than written through. A
-holder clears the record *before* it unlocks: clearing after unlocking could
-erase the record of the next holder.
+lock, and diagnostics check the record against the kernel. So a record that
+cannot be written never stops a lock from being taken: the lock is taken, the
+problem is logged, and diagnostics show the holder as unknown, with why.
+
+Each lock object keeps one descriptor on its record file and, while it holds
+the lock exclusively, overwrites the file *in place*: the record, padded with
+spaces over whatever longer text was there before. Release overwrites it
+with spaces. Nothing is truncated or deleted, so a record left by another
+user in a shared directory is reused rather than fought over, and a holder
+pays two ``pwrite`` calls per hold rather than an open, a write, a truncate
+and a close. The last member of a record, ``"check"``, is the CRC-32 of the
+text before it: a reader that catches a write half done sees a mismatch (or
+text that is not JSON) and reads again.
+
+A record file is only ever written in place if it is a regular file with one
+link, opened without following a symlink. Anything else at the record path
+(a symlink, a hard link to another file, a FIFO, a huge file) is replaced by
+renaming a private file over it, never written through. A new record file
+is writable by whoever may create files in its directory, so that in a
+shared workspace one user's record never locks another user out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import json
@@ -21,20 +36,22 @@ import stat
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import psutil
 from loguru import logger
 
-from grex_locks.errors import LockIOError
-
-from .tiers import Tier
-from .undo import Undo
+from . import lock_file
+from .fork import generation
 
 OWNER_SUFFIX = ".owner"
-#: Diagnostics read at most this much of a record; anything larger is garbage.
+#: A record file larger than this is not overwritten in place (it is replaced):
+#: padding it with spaces would cost a write of its whole size on every hold.
 MAX_RECORD_BYTES = 64 * 1024
 
+_CHECK_MEMBER = b',"check":"'
+_OPEN_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _counter = itertools.count()
 
 
@@ -43,160 +60,196 @@ def record_path(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name + OWNER_SUFFIX)
 
 
+def with_check(text: bytes) -> bytes:
+    """Close the record ``text`` (a JSON object missing its ``}``) with its check member."""
+    return b'%s%s%08x"}' % (text, _CHECK_MEMBER, zlib.crc32(text))
+
+
 class _ProcessFacts:
-    """Facts about this process that every record repeats, computed once per pid."""
+    """The part of every record that is the same for the whole process, encoded once."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
+        pid = os.getpid()
         # Raises OSError (out of descriptors, say) rather than cache a wrong
         # start time: every later record would carry it.
-        self.create_time = psutil.Process(self.pid).create_time()
-        self.hostname = socket.gethostname()
-        self.argv = list(sys.argv)
-        # The fixed part of every record of this process, encoded once: an
-        # uncontended acquire should not pay for re-encoding argv.
+        create_time = psutil.Process(pid).create_time()
         fixed = json.dumps(
             {
-                "pid": self.pid,
-                "create_time": self.create_time,
-                "hostname": self.hostname,
-                "argv": self.argv,
+                "pid": pid,
+                "create_time": create_time,
+                "hostname": socket.gethostname(),
+                "argv": list(sys.argv),
             },
             separators=(",", ":"),
         )
-        self.fixed_json = fixed[1:-1]
+        self.prefix = fixed[:-1]
+        self.generation = generation.value
 
 
 _facts: _ProcessFacts | None = None
-
-
-def process_facts() -> _ProcessFacts:
-    """This process's pid, start time and host, refreshed after a fork."""
-    global _facts  # noqa: PLW0603 - a per-process cache, checked against the pid
-    facts = _facts
-    if facts is None or facts.pid != os.getpid():
-        facts = _facts = _ProcessFacts()
-    return facts
-
 
 #: Thread names as JSON strings: encoding the same few names on every acquire
 #: costs as much as the write that follows.
 _json_string = functools.lru_cache(maxsize=1024)(json.dumps)
 
 
-def _encode(tier: Tier) -> bytes:
-    facts = process_facts()
+def encode_record(tier: int) -> bytes:
+    """This thread's owner record, now, for a lock of ``tier``."""
+    global _facts  # noqa: PLW0603 - a per-process cache, renewed in a forked child
+    facts = _facts
+    if facts is None or facts.generation != generation.value:
+        facts = _facts = _ProcessFacts()
     thread = _json_string(threading.current_thread().name)
-    return (
-        f'{{{facts.fixed_json},"thread":{thread},"tier":{tier.value},"acquired_at":{time.time()!r}}}'
-    ).encode()
+    text = f'{facts.prefix},"thread":{thread},"tier":{tier},"acquired_at":{time.time()!r}'
+    return with_check(text.encode())
 
 
-def write_record(target: Path, tier: Tier, undo: Undo, lock_path: Path) -> None:
-    """Place this thread's owner record at ``target``; register its clearing on ``undo``.
+class RecordFile:
+    """One lock object's owner record file: written while held, blanked on release.
 
-    Readers never see half a record. The fast path writes into the empty
-    record file a previous holder left, in one ``write`` (readers see the
-    empty file or the whole record) — but only if that file is a plain
-    regular file of ours with one link: never through a symlink, never into
-    a hard link planted to another file. Anything else (no file, a stale
-    record, a symlink, a stranger's file) is replaced by renaming a fresh
-    private file over it. Raises :class:`LockIOError` naming ``lock_path``
-    when the directory refuses.
+    Not thread-safe by itself: the lock it belongs to is what serialises its
+    writers (only the exclusive holder writes).
     """
-    try:
-        data = _encode(tier)
-    except (OSError, psutil.Error) as exc:
-        raise LockIOError(
-            lock_path, f"cannot build the owner record for {lock_path}: {exc}"
-        ) from exc
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        handle = [fd]
-        if _reusable(fd):
-            undo.callback(_clear, target, handle)
-            try:
-                os.write(fd, data)
-            except OSError as exc:
-                raise _refused(lock_path, target, exc) from exc
+
+    __slots__ = ("_fd", "_generation", "_lock_path", "_problem", "_written", "path")
+
+    def __init__(self, lock_path: Path) -> None:
+        self.path = record_path(lock_path)
+        self._lock_path = lock_path
+        self._fd: int | None = None
+        self._generation = generation.value
+        #: How many bytes the current record covers: what :meth:`blank` overwrites.
+        self._written = 0
+        #: Why the last write placed no record ("" when it did); logged once per cause.
+        self._problem = ""
+
+    def write(self, tier: int) -> None:
+        """Write this thread's record (the caller has registered :meth:`blank` first).
+
+        When no record can be placed the lock is held all the same: the
+        problem is logged, never raised.
+        """
+        try:
+            data = encode_record(tier)
+            fd, size = self._usable_descriptor()
+            if size > len(data):
+                data += b" " * (size - len(data))
+            # Set before the write: an interruption right after it must still
+            # find the length to blank.
+            self._written = len(data)
+            os.pwrite(fd, data, 0)
+        except (OSError, psutil.Error) as exc:
+            self._note_problem(exc)
             return
-        os.close(handle.pop())
-    _replace_record(target, data, undo, lock_path)
+        self._problem = ""
 
+    def blank(self) -> None:
+        """Overwrite the record written by :meth:`write` with spaces (no record), in place.
 
-def _reusable(fd: int) -> bool:
-    try:
+        Idempotent; a failure is logged, never raised: the lock must still be
+        released, and a record left behind only reads as a stale one.
+        """
+        fd, length = self._fd, self._written
+        if not length or fd is None or self._generation != generation.value:
+            return
+        try:
+            os.pwrite(fd, b" " * length, 0)
+        except OSError as exc:
+            logger.warning("cannot clear owner record {}: {}", self.path, exc)
+        self._written = 0
+
+    def close(self) -> None:
+        """Close the record's descriptor (a lock object being collected)."""
+        fd, self._fd = self._fd, None
+        if fd is not None and self._generation == generation.value:
+            lock_file.close(fd)
+
+    def _usable_descriptor(self) -> tuple[int, int]:
+        """A descriptor on the file at the record path, fit to overwrite, and its size."""
+        if self._generation != generation.value:
+            # Inherited across a fork: that descriptor was closed in this child.
+            self._fd = None
+            self._generation = generation.value
+        fd = self._fd
+        if fd is not None:
+            st = os.fstat(fd)
+            # One link: still the file at the record path (a rename over it or
+            # an unlink by `doctor --prune` leaves ours with none).
+            if st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
+                return fd, st.st_size
+            self.close()
+        fd = self._open_in_place()
+        if fd is None:
+            fd = self._replace()
+        self._fd = fd
+        return fd, os.fstat(fd).st_size
+
+    def _open_in_place(self) -> int | None:
+        """The existing record file, if it is one we may overwrite in place; else None."""
+        try:
+            fd = os.open(self.path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return self._create()
+        except OSError:
+            return None  # a symlink, a stranger's read-only file, a FIFO without reader...
         st = os.fstat(fd)
-    except OSError:
-        return False
-    return (
-        stat.S_ISREG(st.st_mode)
-        and st.st_nlink == 1
-        and st.st_uid == os.geteuid()
-        and st.st_size == 0
-    )
-
-
-def _refused(lock_path: Path, target: Path, exc: OSError) -> LockIOError:
-    return LockIOError(lock_path, f"cannot write the owner record {target}: {exc.strerror or exc}")
-
-
-def _replace_record(target: Path, data: bytes, undo: Undo, lock_path: Path) -> None:
-    _note_stale(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{next(_counter)}.tmp")
-    handle: list[int] = []
-    # Registered before the file exists (a no-op while the handle is empty),
-    # so no interruption can leave a renamed record that nothing will clear.
-    undo.callback(_clear, target, handle)
-    try:
-        handle.append(
-            os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        )
-        os.write(handle[0], data)
-        # rename replaces whatever sits at the record path (a symlink
-        # included) instead of writing through it.
-        os.rename(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # ours (O_EXCL); gone already if the rename happened
-        if isinstance(exc, OSError):
-            # open, write or rename failed: no record was placed.
-            if handle:
-                os.close(handle.pop())
-            raise _refused(lock_path, target, exc) from exc
-        # An interruption (possibly just after the rename): the _clear step
-        # registered above empties whatever we wrote and closes it.
-        raise
-
-
-def _note_stale(target: Path) -> None:
-    # A non-empty record found while we hold the lock was left by a holder
-    # that died; it is about to be replaced, which is worth a line.
-    try:
-        st = os.lstat(target)
-    except OSError:
-        return
-    if st.st_size:
-        logger.info("replacing stale owner record {} ({} bytes)", target, st.st_size)
-
-
-def _clear(target: Path, handle: list[int]) -> None:
-    """Empty the record we wrote, through our own descriptor, and close it (once).
-
-    Emptying our own inode is always safe: if someone has since replaced the
-    file at the record path, theirs is left alone. The empty file stays for
-    the next holder's fast path.
-    """
-    if not handle:
-        return
-    fd = handle[0]
-    try:
-        os.ftruncate(fd, 0)
-    except OSError as exc:
-        logger.warning("cannot clear owner record {}: {}", target, exc)
-    if handle:
-        handle.pop()
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
+            lock_file.track(fd)
+            return fd
         os.close(fd)
+        return None
+
+    def _create(self) -> int | None:
+        try:
+            fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None  # someone made one just now: replace it as anything else
+        lock_file.track(fd)
+        self._share_with_directory(fd)
+        return fd
+
+    def _replace(self) -> int:
+        """Rename a fresh private file over whatever sits at the record path; return it."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{next(_counter)}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        lock_file.track(fd)
+        try:
+            self._share_with_directory(fd)
+            # rename replaces a symlink itself, never what it points to.
+            os.rename(tmp, self.path)
+        except BaseException:
+            lock_file.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # ours (O_EXCL); gone already if the rename happened
+            raise
+        return fd
+
+    def _share_with_directory(self, fd: int) -> None:
+        # Whoever may create files in this directory may take the lock, so
+        # they must be able to overwrite the record too: group and other
+        # write follow the directory's.
+        shared = os.stat(self.path.parent).st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if shared:
+            os.fchmod(fd, 0o644 | shared)
+
+    def _note_problem(self, exc: BaseException) -> None:
+        reason = _describe(exc)
+        if reason != self._problem:
+            self._problem = reason
+            logger.warning(
+                "holding {} without an owner record: {} ({}); diagnostics will show "
+                "the holder as unknown",
+                self._lock_path,
+                reason,
+                self.path,
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EISDIR:
+            return "a directory sits at the record path"
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return "another user's record file there cannot be overwritten or replaced"
+        return exc.strerror or str(exc)
+    return str(exc)

@@ -6,48 +6,42 @@ runs it backwards::
     re-entry check -> tier check -> in-process gate -> flock -> owner record
          (LockBusy)  (TierViolation)   (threads wait)  (processes wait)
 
-Each step registers its own undo on an :class:`~grex_locks.undo.Undo` stack the
-moment it succeeds, so an exception at any point — a timeout, a refused
-record write, ``KeyboardInterrupt`` — unwinds exactly what was done, and a
-release is nothing but closing that stack. The five lock classes only choose
-the arguments: where the file is, shared or exclusive, wait or fail fast,
-and the tier.
+Each step registers its own undo on an :class:`~grex_locks._core.undo.Undo`
+stack before it acts, so an exception at any point — a timeout,
+``KeyboardInterrupt`` — unwinds exactly what was done, and a release is
+nothing but closing that stack. The five lock classes only choose the
+arguments: where the file is, shared or exclusive, wait or fail fast, and the
+tier.
+
+Lifetime: a hold's stack is kept alive by :mod:`~grex_locks._core.undo` until
+it is released, so a lock stays held until release or process exit even if
+the program drops every reference to it. Fork: a lock object used in a
+forked child notices the new generation and starts afresh (its descriptor
+was closed without unlocking); a hold inherited from the parent is disarmed.
+
+The core refuses quietly: :meth:`LockCore.take` returns ``None`` when the lock
+was not granted, and the public layer above builds the error (with a
+diagnosis of the holder) for its caller.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import NoReturn
 
-from grex_locks.errors import LockBusy, LockCancelled, LockTimeout
+from grex_locks.errors import LockBusy
 
-from . import gate, owner_record, slow_waits
+from . import gate, slow_waits
 from . import lock_file as lockfile
 from . import os_lock as oslock
+from .fork import generation
 from .kernel_wait import KernelWait
 from .kernel_wait import kernel_wait as kernel_wait_for
-from .lock_file import FileKey
+from .owner_record import RecordFile
 from .tiers import Tier, enter_tier
 from .undo import ReleasedOnExit, Undo
 from .waiting import CancelEvent, is_cancelled, remaining, wait_for
-
-if TYPE_CHECKING:
-    from grex_locks._diagnostics.diagnosis import Diagnosis
-
-_live_cores: weakref.WeakSet[LockCore] = weakref.WeakSet()
-
-
-def _diagnose(path: Path, key: FileKey) -> Diagnosis | None:
-    """Best-effort diagnosis for an error message; an error must not fail to build."""
-    try:
-        from grex_locks._diagnostics.diagnose import diagnose_busy  # noqa: PLC0415 - diagnostics import the core
-
-        return diagnose_busy(path, key)
-    except Exception:  # noqa: BLE001 - a diagnosis is a courtesy, never a second failure
-        return None
 
 
 class Hold(ReleasedOnExit):
@@ -63,13 +57,34 @@ class Hold(ReleasedOnExit):
         self._undo: Undo | None = None
 
     @property
+    def inherited(self) -> bool:
+        """Whether this hold was taken by the parent of this (forked) process."""
+        undo = self._undo
+        return undo is not None and undo.inherited
+
+    @property
     def core_path(self) -> Path:
         """The lock file this hold is on."""
         return self._core.path
 
     def release(self) -> None:
-        """Release this hold; only the thread that acquired it may."""
+        """Release this hold; only the thread that acquired it may.
+
+        In a forked child, releasing (or dropping, or leaving the ``with`` of)
+        a hold inherited from the parent does nothing: the lock is the parent's.
+        """
+        undo = self._undo
+        if undo is not None and undo.inherited:
+            self._undo = None
+            return
         self._core.release_hold(self)
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            f"a hold of {self._core.kind} {self._core.path} belongs to the thread that took "
+            "it and cannot be sent to another process; send the lock object itself "
+            "(it arrives as a fresh, unheld lock)"
+        )
 
 
 class LockCore:
@@ -90,32 +105,53 @@ class LockCore:
         self.path = lock_path
         self.tier = tier
         self.kind = kind
-        self.record_path = owner_record.record_path(lock_path)
         self.busy_error = busy_error
         self._fd: int | None = lockfile.open_lock_file(lock_path)
         self.key = lockfile.file_key(self._fd)
+        self._record = RecordFile(lock_path)
+        self.record_path = self._record.path
+        self._generation = generation.value
         self._fd_claim: object | None = None
         self._fd_mutex = threading.Lock()
         self._holds: dict[int, Hold] = {}
-        _live_cores.add(self)
+
+    def _renew_if_forked(self) -> None:
+        """In a forked child: hold nothing, and reopen the file on next use.
+
+        The inherited descriptor was closed (without unlocking) as the child
+        started; the mutex may have been held by a parent thread that does
+        not exist here; the holds are the parent's.
+        """
+        if self._generation != generation.value:
+            self._generation = generation.value
+            self._fd = None
+            self._fd_claim = None
+            self._fd_mutex = threading.Lock()
+            self._holds = {}
 
     def __del__(self) -> None:
-        # A lock object owns its descriptor: a run over 100,000 packs must not
+        # A lock object owns its descriptors: a run over 100,000 packs must not
         # keep 100,000 files open. (A held object is kept alive by its hold.)
-        fd = getattr(self, "_fd", None)
-        if fd is not None and not getattr(self, "_holds", True):
-            self._fd = None
+        # In a forked child they were closed already, and their numbers may
+        # since belong to other files.
+        if getattr(self, "_generation", None) != generation.value or self._holds:
+            return
+        fd, self._fd = self._fd, None
+        if fd is not None:
             lockfile.close(fd)
+        self._record.close()
 
     # -- state ---------------------------------------------------------------
 
     @property
     def held(self) -> bool:
-        """Whether this object holds the lock now (in any thread)."""
+        """Whether this object holds the lock now (in any thread of this process)."""
+        self._renew_if_forked()
         return bool(self._holds)
 
     def hold_of_current_thread(self) -> Hold | None:
         """The calling thread's hold through this object, if any."""
+        self._renew_if_forked()
         return self._holds.get(threading.get_ident())
 
     # -- the one acquire path ------------------------------------------------
@@ -133,7 +169,7 @@ class LockCore:
                 "(taking it again would deadlock on itself)",
             )
 
-    def acquire(
+    def take(
         self,
         *,
         shared: bool = False,
@@ -142,21 +178,26 @@ class LockCore:
         cancel: CancelEvent | None = None,
         tier_taken: bool = False,
         granted_wait: KernelWait | None = None,
-    ) -> Hold:
-        """Take the lock; see the module docstring for the pipeline.
+    ) -> Hold | None:
+        """Take the lock, or return ``None`` if it was not granted; see the module docstring.
 
-        ``tier_taken`` says the caller (``acquire_all``, a scheduler) already
-        entered this lock's tier once for a whole group. ``granted_wait`` is a
-        kernel wait of the caller's that the kernel already granted (a
-        scheduler waiting for any of its slots): the hold adopts its
-        descriptor, and releases it with the hold — or at once, if the
-        acquire fails.
+        Not granted means busy (``wait`` false), the deadline passed, or
+        ``cancel`` was set; the caller tells which. Same-thread re-entry
+        raises ``LockBusy``, tier violations ``TierViolation``, OS refusals
+        ``LockIOError``. ``tier_taken`` says the caller (``acquire_all``, a
+        scheduler) already entered this lock's tier once for a whole group.
+        ``granted_wait`` is a kernel wait of the caller's that the kernel
+        already granted (a scheduler waiting for any of its slots): the hold
+        adopts its descriptor, and releases it with the hold — or at once,
+        if the acquire fails.
         """
+        self._renew_if_forked()
         if is_cancelled(cancel):
-            raise LockCancelled(self.path, f"acquiring {self.kind} {self.path} was cancelled")
+            if granted_wait is not None:
+                granted_wait.settle()
+            return None
         me = threading.get_ident()
         self.refuse_reentry()
-        started = time.monotonic()
         with Undo() as undo:
             # First in, so last out: a release cut short by an interruption
             # leaves the hold findable, and release() again finishes it.
@@ -175,18 +216,19 @@ class LockCore:
                 watch=(self.path, self.kind),
             )
             if not admitted:
-                raise self._refusal(wait, started, cancel)
+                return None
             if granted_wait is not None:
                 fd: int | None = granted_wait.fd
             else:
                 fd = self._lock_os(undo, shared=shared, wait=wait, deadline=deadline, cancel=cancel)
             if fd is None:
-                raise self._refusal(wait, started, cancel)
+                return None
             if not shared:
-                owner_record.write_record(self.record_path, self.tier, undo, self.path)
+                undo.callback(self._record.blank)
+                self._record.write(self.tier)
             hold = Hold(self, me, shared, fd)
             self._holds[me] = hold
-            hold._undo = undo.pop_all()
+            hold._undo = undo.keep()
         return hold
 
     def _lock_os(
@@ -223,6 +265,7 @@ class LockCore:
 
     def descriptor(self) -> int:
         """This object's descriptor on the lock file, reopened if a fork closed it."""
+        self._renew_if_forked()
         if self._fd is None:
             self._fd = lockfile.open_lock_file(self.path)
         return self._fd
@@ -249,31 +292,11 @@ class LockCore:
             if self._fd_claim is token:
                 self._fd_claim = None
 
-    def _refusal(
-        self, wait: bool, started: float, cancel: CancelEvent | None
-    ) -> LockBusy | LockTimeout | LockCancelled:
-        """The error for an acquire that did not get the lock: busy, cancelled or timed out."""
-        waited = time.monotonic() - started
-        if wait and is_cancelled(cancel):
-            return LockCancelled(
-                self.path, f"waiting for {self.kind} {self.path} was cancelled after {waited:.3f} s"
-            )
-        holder = _diagnose(self.path, self.key)
-        summary = holder.holder_summary() if holder is not None else ""
-        clause = f": {summary}" if summary else ""
-        if not wait:
-            return self.busy_error(self.path, f"{self.kind} {self.path} is busy{clause}", holder)
-        return LockTimeout(
-            self.path,
-            f"timed out after {waited:.3f} s waiting for {self.kind} {self.path}{clause}",
-            holder,
-            waited,
-        )
-
     # -- the one release path ------------------------------------------------
 
     def release_hold(self, hold: Hold | None = None) -> None:
         """Release the calling thread's hold (or ``hold``), undoing its acquire in reverse."""
+        self._renew_if_forked()
         me = threading.get_ident()
         current = self._holds.get(me)
         if hold is None:
@@ -301,20 +324,5 @@ class LockCore:
 
     def release_if_held(self) -> None:
         """Release the calling thread's hold if it has one (an idempotent undo step)."""
-        if threading.get_ident() in self._holds:
+        if self.hold_of_current_thread() is not None:
             self.release_hold()
-
-    # -- fork ----------------------------------------------------------------
-
-    def forget_after_fork(self) -> None:
-        """In a forked child: hold nothing, and reopen the file on next use."""
-        self._fd = None
-        self._fd_claim = None
-        self._fd_mutex = threading.Lock()
-        self._holds.clear()
-
-
-def forget_all_after_fork() -> None:
-    """Reset every live lock object in a forked child (descriptors already closed)."""
-    for core in list(_live_cores):
-        core.forget_after_fork()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from loguru import logger
@@ -30,10 +32,24 @@ _waits: dict[int, tuple[float, Path, str]] = {}
 _monitor: threading.Thread | None = None
 
 
-def _holder_of(path: Path) -> str:
-    from grex_locks._diagnostics.diagnose import diagnose  # noqa: PLC0415 - diagnostics import the core
+def _unknown_holder(path: Path) -> str:
+    return "holder unknown"
 
-    return diagnose(path).holder_summary() or "holder unknown"
+
+#: How a slow wait's log line names the holder. The core cannot diagnose (that
+#: layer sits above it and imports it); the public layer installs its
+#: diagnosis here through :func:`describe_holders_with`.
+_describe_holder: Callable[[Path], str] = _unknown_holder
+
+
+def describe_holders_with(describe: Callable[[Path], str]) -> None:
+    """Name the holder of a lock file in slow-wait log lines with ``describe``."""
+    global _describe_holder  # noqa: PLW0603 - set once, by the layer above
+    _describe_holder = describe
+
+
+def _holder_of(path: Path) -> str:
+    return _describe_holder(path)
 
 
 def _monitor_loop() -> None:
@@ -97,3 +113,6 @@ def reset_after_fork() -> None:
     _cond = threading.Condition()
     _waits.clear()
     _monitor = None
+
+
+os.register_at_fork(after_in_child=reset_after_fork)

@@ -119,3 +119,6 @@ def _pop_tier(token: object) -> None:
 def reset_after_fork() -> None:
     """Forget every tier held: a forked child holds no locks."""
     _held.set(())
+
+
+os.register_at_fork(after_in_child=reset_after_fork)

@@ -10,19 +10,39 @@ fails; the first failure is raised afterwards.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .fork import generation
+
+#: The stacks that hold something (a lock, a permit, a group) right now. A hold
+#: lasts until it is released or the process ends, like ``flock`` on an open
+#: descriptor: the garbage collector must never release a lock because the
+#: program dropped its last reference, so these stacks are kept alive here.
+_holding: set[Undo] = set()
+
+# A forked child holds nothing: the inherited stacks become garbage there, and
+# (being of an older generation) are dropped without running a single step.
+os.register_at_fork(after_in_child=_holding.clear)
+
 
 class Undo:
-    """Callbacks run newest first on :meth:`close`, or when a ``with`` is left by an exception."""
+    """Callbacks run newest first on :meth:`close`, or when a ``with`` is left by an exception.
 
-    __slots__ = ("_steps",)
+    A stack made before a fork is *disarmed* in the child: closing it there
+    drops its steps without running any. Its steps act on descriptors and
+    files the parent owns — an unlock, a record clear — and a descriptor
+    number the child closed may by then belong to one of the child's own locks.
+    """
+
+    __slots__ = ("_generation", "_steps")
 
     def __init__(self) -> None:
         self._steps: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._generation = generation.value
 
     def callback(self, fn: Callable[..., Any], /, *args: Any) -> None:
         """Register ``fn(*args)`` to run when this stack unwinds."""
@@ -35,6 +55,17 @@ class Undo:
         # the two assignments, so no callback is ever on both stacks or neither.
         moved._steps, self._steps = self._steps, []
         return moved
+
+    def keep(self) -> Undo:
+        """:meth:`pop_all` into a stack that stays alive until closed: the acquire's hold."""
+        moved = self.pop_all()
+        _holding.add(moved)
+        return moved
+
+    @property
+    def inherited(self) -> bool:
+        """Whether this stack was made before a fork, in another process."""
+        return self._generation != generation.value
 
     @property
     def pending(self) -> bool:
@@ -50,6 +81,9 @@ class Undo:
         callback registered by the lock pipeline is idempotent, so a second
         run is safe. A step is dropped only after it has run.
         """
+        if self._generation != generation.value:
+            self._steps = []
+            return
         first_error: BaseException | None = None
         steps = self._steps
         while steps:
@@ -62,6 +96,7 @@ class Undo:
                 with contextlib.suppress(BaseException):
                     fn(*args)
             steps.pop()
+        _holding.discard(self)
         if first_error is not None:
             raise first_error
 

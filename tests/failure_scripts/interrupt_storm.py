@@ -23,6 +23,7 @@ that later iterations are judged afresh. Prints one JSON line.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -268,7 +269,7 @@ class Storm:
             finally:
                 os.close(fd)
             record = record_path(path)
-            if record.exists() and record.stat().st_size:
+            if record.exists() and record.read_bytes().strip():
                 found.append(f"{record} has content: {record.read_bytes()[:120]!r}")
         return found
 
@@ -336,15 +337,17 @@ class Storm:
     def recover(self) -> None:
         """Force everything free after a failure, so that later iterations are judged afresh."""
         from grex_locks import scheduler
-        from grex_locks._core import gate, primitive, tiers
+        from grex_locks._core import gate, tiers
         from grex_locks._core import lock_file as lockfile
 
-        for fd in list(lockfile.open_descriptors):
-            try:
+        for fd in lockfile.owned_descriptors():
+            with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            except OSError:
-                lockfile.open_descriptors.discard(fd)
-        primitive.forget_all_after_fork()
+        objects = [*self.packs, self.manifest, *self.rival_locks]
+        cores = [lock._core for lock in objects]
+        cores += [*self.scheduler._slots, *self.rival_scheduler._slots]
+        for core in cores:
+            core._generation = -1  # renews itself (forgets its holds) on next use
         scheduler.reset_all_after_fork()
         gate.reset_after_fork()
         tiers.reset_after_fork()

@@ -1,5 +1,9 @@
 """Scenario: the owner record cannot be written (disk full, or file system read-only).
 
+The record is information, never authority: the lock must be taken all the
+same, released cleanly, and leave no record content behind that was not
+there before.
+
 Usage (as root, in a private mount namespace: ``unshare -m --propagation
 private``): ``record_refused.py ROOT no_space|read_only none|empty|stale``.
 Mounts a tiny tmpfs under ROOT, makes a pack lock there, leaves the record
@@ -65,8 +69,8 @@ def record_state(path: Path) -> str:
         data = path.read_bytes()
     except FileNotFoundError:
         return "missing"
-    if not data:
-        return "empty"
+    if not data.strip():
+        return "empty"  # blanked in place, or never written
     return "stale" if data == STALE else f"other: {data[:100]!r}"
 
 
@@ -77,11 +81,14 @@ def main() -> None:
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=256k,nr_inodes=64", "tmpfs", str(mnt)], check=True
     )
+    if record_before == "empty":
+        # A previous holder leaves the blanked record file. (Its lock object,
+        # which keeps the record open for writing, is gone: a file open for
+        # writing would make the remount to read-only fail as busy.)
+        PackLock(mnt / "pack").acquire().release()
     lock = PackLock(mnt / "pack")
     record = record_path(lock.path)
-    if record_before == "empty":
-        lock.acquire().release()  # a previous holder leaves the empty record file
-    elif record_before == "stale":
+    if record_before == "stale":
         record.write_bytes(STALE)
     if failure == "no_space":
         fill(mnt)
