@@ -1,8 +1,9 @@
 """Property tests for the parsers of untrusted input: they never raise, whatever they are fed.
 
-* ``owner_record.parse_record`` on arbitrary bytes and arbitrary JSON: never
+* ``record_reader.parse_record`` on arbitrary bytes and arbitrary JSON: never
   raises, and says VALID exactly when the record is a JSON object with an
-  integer ``pid`` and a numeric ``create_time``.
+  integer ``pid`` and a finite numeric ``create_time`` (and, when it carries
+  a ``"check"`` member, a check that matches its text).
 * ``kernel_locks.parse_line`` (one ``/proc/locks`` line) and
   ``KernelLockTable.parse`` on arbitrary text: never raise, and read real
   lines correctly.
@@ -11,14 +12,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import zlib
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grex_locks._diagnostics.record_reader import RecordStatus, parse_record
+from grex_locks._diagnostics.record_reader import RecordStatus, encode_check, parse_record
 
 # -- parsers of untrusted input ---------------------------------------------------
 
@@ -31,6 +34,13 @@ JSON = st.recursive(
 )
 
 
+def _finite(value: object) -> bool:
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except (TypeError, OverflowError):
+        return False
+
+
 def _valid_shape(owner: dict[str, Any]) -> bool:
     pid, created = owner.get("pid"), owner.get("create_time")
     return (
@@ -38,6 +48,8 @@ def _valid_shape(owner: dict[str, Any]) -> bool:
         and not isinstance(pid, bool)
         and isinstance(created, (int, float))
         and not isinstance(created, bool)
+        and _finite(created)
+        and "check" not in owner
     )
 
 
@@ -61,13 +73,44 @@ def test_parse_record_never_raises_on_json(value: Any) -> None:
     _check_record(json.dumps(value).encode())
 
 
-@given(pid=JSON, create_time=JSON, extra=st.dictionaries(st.text(max_size=10), JSON, max_size=4))
-def test_parse_record_is_valid_exactly_with_int_pid_and_numeric_create_time(
+@given(
+    pid=JSON,
+    create_time=JSON | st.sampled_from([math.nan, math.inf, -math.inf, 10**400, 1e308]),
+    extra=st.dictionaries(st.text(max_size=10), JSON, max_size=4),
+)
+def test_parse_record_is_valid_exactly_with_int_pid_and_finite_create_time(
     pid: Any, create_time: Any, extra: dict[str, Any]
 ) -> None:
     owner = {**extra, "pid": pid, "create_time": create_time}
     read = parse_record(json.dumps(owner).encode())
     assert (read.status is RecordStatus.VALID) == _valid_shape(owner)
+
+
+@given(
+    owner=st.dictionaries(st.text(max_size=10), JSON, max_size=6),
+    pid=st.integers(-(2**63), 2**63),
+    create_time=st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40),
+    padding=st.text(alphabet=" \t\n\r", max_size=200),
+    flip=st.integers(0, 10_000),
+)
+def test_parse_record_with_check_accepts_exactly_the_unaltered_text(
+    owner: dict[str, Any], pid: int, create_time: float, padding: str, flip: int
+) -> None:
+    """A record closed by its check parses VALID, padded or not; any altered byte is caught."""
+    owner = {k: v for k, v in owner.items() if k != "check"}
+    owner.update(pid=pid, create_time=create_time)
+    before = json.dumps(owner, separators=(",", ":"))[:-1].encode()
+    record = before + b',"check":"' + encode_check(before) + b'"}'
+    assert encode_check(before) == b"%08x" % zlib.crc32(before)
+    read = parse_record(record + padding.encode())
+    assert read.status is RecordStatus.VALID
+    assert read.owner is not None
+    assert read.owner["pid"] == pid
+    # One byte changed anywhere in the text before the check: never VALID.
+    index = flip % len(before)
+    changed = bytearray(record)
+    changed[index] = (changed[index] + 1) % 128 or 1
+    assert parse_record(bytes(changed)).status is not RecordStatus.VALID
 
 
 @pytest.mark.parametrize(
