@@ -1,0 +1,307 @@
+"""Ownership seen from outside: a lock is held exactly while its holder says so.
+
+Each test reproduces one way the first release broke that promise (a forked
+child releasing or wiping what its parent holds; the garbage collector
+releasing a lock nobody referenced; a record path that locked everyone out)
+and judges the outcome the way another program would: a third process tries
+the lock with util-linux ``flock -n``, and the record's bytes are read from
+the file.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+
+import grex_locks
+from grex_locks import HolderState, ManifestLock, PackLock, WorkspaceLock
+
+DEADLINE = 30.0
+CONFLICT = 75  # flock(1)'s exit status for "held by someone else", asked for with -E
+
+pytestmark = pytest.mark.skipif(shutil.which("flock") is None, reason="needs util-linux flock(1)")
+
+
+def third_process_can_take(lock_file: Path) -> bool:
+    """Whether a separate process gets ``lock_file`` at once (util-linux ``flock -n``)."""
+    run = subprocess.run(
+        ["flock", "-n", "-E", str(CONFLICT), str(lock_file), "true"],
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert run.returncode in (0, CONFLICT), run
+    return run.returncode == 0
+
+
+def record_of(lock_file: Path) -> dict[str, object] | None:
+    """The owner record beside ``lock_file`` as another process reads it (None: no record)."""
+    data = Path(str(lock_file) + grex_locks.OWNER_SUFFIX).read_bytes()
+    if not data.strip():
+        return None
+    record: dict[str, object] = json.loads(data)
+    return record
+
+
+def read_line(fd: int) -> str:
+    """One line from pipe ``fd``, within the deadline."""
+    data = b""
+    deadline = time.monotonic() + DEADLINE
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no answer within {DEADLINE} s (so far {data!r})"
+        chunk = os.read(fd, 1)
+        assert chunk, f"the other end closed the pipe after {data!r}"
+        data += chunk
+    return data.decode().strip()
+
+
+def wait_exit(pid: int) -> int:
+    """The exit status of child ``pid`` (a signal is -N), within the deadline."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)  # polling a child's exit: there is no event to wait on
+    os.kill(pid, 9)
+    raise AssertionError(f"child {pid} did not exit within {DEADLINE} s")
+
+
+def end_child(body: Callable[[], None]) -> None:
+    """Run ``body`` in a forked child, then end it as an exiting interpreter would.
+
+    ``sys.exit`` and exceptions unwind through the child's frames (leaving any
+    ``with`` block entered before the fork), what the child dropped is
+    collected, and the exit status is Python's: 0, the ``sys.exit`` code, or 1
+    for an uncaught exception. (``os._exit`` at the end keeps the child out of
+    the test runner's own frames.)
+    """
+    code = 0
+    try:
+        body()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:  # noqa: BLE001 - an uncaught error ends the child with status 1
+        code = 1
+    gc.collect()
+    os._exit(code)
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def fork_child(body: Callable[[int, int], None]) -> tuple[int, int, int]:
+    """Fork a child running ``body(to_parent, from_parent)``, ended by :func:`end_child`."""
+    up_r, up_w = os.pipe()
+    down_r, down_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(up_r)
+        os.close(down_w)
+        end_child(lambda: body(up_w, down_r))
+    os.close(up_w)
+    os.close(down_r)
+    return pid, up_r, down_w
+
+
+def test_forked_child_dropping_an_inherited_hold_does_not_unlock_its_own_lock(
+    tmp_path: Path,
+) -> None:
+    """Issue: the child's new lock reused the inherited descriptor number, and dropping
+    the inherited hold unlocked it (and emptied the parent's record)."""
+    a = PackLock(tmp_path / "a")
+    held = a.acquire()
+    parent_record = record_of(a.path)
+
+    def child(up: int, down: int) -> None:
+        nonlocal held
+        b = PackLock(tmp_path / "b")
+        b_hold = b.acquire()
+        del held
+        gc.collect()
+        os.write(up, b"inside b\n")
+        read_line(down)
+        b_hold.release()
+
+    pid, up, down = fork_child(child)
+    try:
+        assert read_line(up) == "inside b"
+        assert not third_process_can_take(tmp_path / "b" / ".grex-lock"), "b was unlocked"
+        assert not third_process_can_take(a.path), "the parent's lock was unlocked"
+        assert record_of(a.path) == parent_record
+    finally:
+        os.write(down, b"go\n")
+    assert wait_exit(pid) == 0
+    assert record_of(a.path) == parent_record
+    assert not third_process_can_take(a.path)
+    held.release()
+    assert third_process_can_take(a.path)
+    assert record_of(a.path) is None
+
+
+@pytest.mark.parametrize("how", ["with lock", "with lock.acquire()"])
+@pytest.mark.parametrize("ending", ["sys.exit(0)", "return", "raise"])
+def test_child_leaving_a_with_block_entered_before_the_fork_touches_nothing(
+    tmp_path: Path, how: str, ending: str
+) -> None:
+    """Issue: the child's exit from its parent's ``with`` raised and wiped the record."""
+    lock = PackLock(tmp_path / "pack")
+    parent = os.getpid()
+
+    def inside() -> None:
+        pid = os.fork()
+        if pid == 0:  # the child leaves the with block below, as the parent will
+            if ending == "sys.exit(0)":
+                sys.exit(0)
+            if ending == "raise":
+                raise RuntimeError("the child's own error")
+            return
+        status = wait_exit(pid)
+        assert status == (1 if ending == "raise" else 0)
+        assert not third_process_can_take(lock.path)
+        record = record_of(lock.path)
+        assert record is not None
+        assert record["pid"] == parent
+
+    def body() -> None:
+        if how == "with lock":
+            with lock:
+                inside()
+        else:
+            with lock.acquire():
+                inside()
+
+    end_child_if_forked = parent  # after body(), the child (only) ends here, as Python would
+    try:
+        body()
+    except BaseException as exc:
+        if os.getpid() != end_child_if_forked:  # pragma: no cover - the child
+            error = exc
+            end_child(lambda: _reraise(error))
+        raise
+    if os.getpid() != end_child_if_forked:  # pragma: no cover - the child
+        end_child(lambda: None)
+    assert third_process_can_take(lock.path)
+    assert record_of(lock.path) is None
+
+
+def test_explicit_release_of_an_inherited_lock_object_is_a_runtime_error(tmp_path: Path) -> None:
+    lock = PackLock(tmp_path / "pack")
+    with lock:
+
+        def child(up: int, down: int) -> None:
+            del down
+            assert not lock.held
+            try:
+                lock.release()
+            except RuntimeError:
+                os.write(up, b"RuntimeError\n")
+            else:
+                os.write(up, b"released\n")
+
+        pid, up, _down = fork_child(child)
+        assert read_line(up) == "RuntimeError"
+        assert wait_exit(pid) == 0
+        assert not third_process_can_take(lock.path)
+        assert record_of(lock.path) is not None
+
+
+def _collect_garbage(_task: int) -> int:
+    gc.collect()
+    return os.getpid()
+
+
+def test_fork_pool_under_held_locks_leaves_the_parents_records_and_locks(tmp_path: Path) -> None:
+    """Issue: a ``fork`` pool started under a held lock wiped the parent's owner records."""
+    workspace = tmp_path / "ws"
+    with WorkspaceLock(workspace) as ws, PackLock(workspace / "pack") as pack:
+        before = {lock.path: record_of(lock.path) for lock in (ws, pack)}
+        with ProcessPoolExecutor(4, mp_context=get_context("fork")) as pool:
+            pids = set(pool.map(_collect_garbage, range(16)))
+        assert os.getpid() not in pids
+        subprocess.run([sys.executable, "-c", "pass"], preexec_fn=gc.collect, check=True)
+        for lock in (ws, pack):
+            assert record_of(lock.path) == before[lock.path]
+            assert not third_process_can_take(lock.path)
+            diagnosis = grex_locks.diagnose(lock.path)
+            assert diagnosis.state is HolderState.HELD, diagnosis.explain()
+            assert diagnosis.owner is not None
+            assert diagnosis.owner["pid"] == os.getpid()
+    assert third_process_can_take(workspace / ".grex.sync.lock")
+
+
+def _take_and_forget(pack: Path) -> None:
+    PackLock(pack).acquire()
+
+
+def test_a_lock_nobody_references_stays_held_until_released_or_exit(tmp_path: Path) -> None:
+    """Issue: the garbage collector released such a lock at some later collection.
+
+    The forgetful holder is a child process, so that its exit is what frees it.
+    """
+    lock_file = tmp_path / "pack" / ".grex-lock"
+
+    def child(up: int, down: int) -> None:
+        _take_and_forget(tmp_path / "pack")
+        gc.collect()
+        os.write(up, b"taken and forgotten\n")
+        read_line(down)
+
+    pid, up, down = fork_child(child)
+    try:
+        assert read_line(up) == "taken and forgotten"
+        assert not third_process_can_take(lock_file)
+        record = record_of(lock_file)
+        assert record is not None
+        assert record["pid"] == pid
+    finally:
+        os.write(down, b"exit\n")
+    assert wait_exit(pid) == 0
+    assert third_process_can_take(lock_file)
+
+
+def test_unheld_lock_objects_close_their_descriptors_when_collected(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(200):
+        lock = PackLock(tmp_path / f"p{n}")
+        with lock:
+            pass
+        del lock
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+@pytest.mark.parametrize("planted", ["directory", "symlink", "fifo"])
+def test_a_record_path_that_cannot_hold_a_record_never_stops_the_lock(
+    tmp_path: Path, planted: str
+) -> None:
+    """Issue: a directory at ``<lock>.owner`` made every exclusive acquire fail."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    manifest = ManifestLock(tmp_path / "m.lock")
+    record = Path(str(manifest.path) + grex_locks.OWNER_SUFFIX)
+    if planted == "directory":
+        record.mkdir()
+    elif planted == "symlink":
+        record.symlink_to(outside)
+    else:
+        os.mkfifo(record)
+    with manifest.write():
+        assert not third_process_can_take(manifest.path)
+    assert third_process_can_take(manifest.path)
+    assert outside.read_bytes() == b"precious"
+    if planted == "directory":
+        assert record.is_dir()
