@@ -202,7 +202,8 @@ def wait_quiet(limit: float, cpus: int) -> None:
     quiet = LOADED_PER_CPU * cpus
     end = time.monotonic() + limit
     while os.getloadavg()[0] > quiet and time.monotonic() < end:
-        print(f"waiting for a quiet machine: load {os.getloadavg()[0]:.2f} > {quiet:.1f}")
+        load = os.getloadavg()[0]
+        print(f"waiting for a quiet machine: load {load:.2f} > {quiet:.1f}", file=sys.stderr)
         time.sleep(10)
 
 
