@@ -1,16 +1,31 @@
 """The invariant checks of ``scripts/stress.py``: audit log, manifest, and diagnostics.
 
-* :class:`AuditLog` follows the O_APPEND audit log as it grows. Workers write
-  ``enter`` after taking a lock and ``exit`` before letting it go, so in the
-  log's order no two holders of one lock may overlap (readers excepted). The
-  coordinator writes ``C kill <wid>`` *before* it sends SIGKILL; a holder's
-  unmatched ``enter`` may therefore be overtaken only after its kill line, and
-  the killed worker must never write another line after being overtaken
-  (that would prove it was alive while another process held its lock).
+* :class:`AuditLog` follows the O_APPEND audit log as it grows. Every process
+  that takes locks (workers, their forked children ``<wid>.f<pid>``, their
+  fork pools' workers ``<wid>.q<pid>``) brackets each lock with lines
+  ``<wid> <tid> W|E|F|X|R <lock> <mode> [style|thread]``: ``W`` before an
+  attempt, ``E`` once held (after acquire returned), ``F`` when the attempt
+  failed, ``X`` just before the release and ``R`` after it. In the log's
+  order no two holders of one lock may overlap between ``E`` and ``X``
+  (readers excepted).
+
+  Other lines: ``P <wid> <pid> <start>`` (a process announces itself),
+  ``D <wid>`` (it is dead: reaped by its parent or seen gone by the
+  coordinator), ``C kill <wid>`` (the coordinator or a parent is about to
+  SIGKILL ``wid``; its descendants die with it), ``V <wid> <tid> <lock>`` (a
+  thread is about to hand the lock's descriptor to a child program),
+  ``I <wid> <lock> <pid>`` (that program runs: from now on it holds the lock
+  too), ``J <wid> <lock> <pid>`` (it is about to exit), ``K <wid> <lock> <pid>``
+  (it is dead).
+
+  A holder's unmatched ``E`` may be overtaken only after its kill line — and
+  only once the child program it handed the lock to has ended; the killed
+  process must never write another line after being overtaken (that would
+  prove it was alive while the lock was held twice).
 * :func:`check_manifest`: every acknowledged append is present as a whole line.
-* :class:`Diagnostics` runs ``grex_locks.scan()`` (when the library has it)
-  and checks it against the audit, and the audit against each holder's
-  ``/proc/<pid>/fdinfo``.
+* :class:`Diagnostics` runs ``grex_locks.scan()``/``diagnose()`` and checks
+  the audit against each holder's ``/proc/<pid>/fdinfo``; ``stress_exact``
+  judges each diagnosis against what the audit says.
 """
 
 from __future__ import annotations
@@ -18,33 +33,71 @@ from __future__ import annotations
 import importlib
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stress_worker import record_line
+from stress_worker import TIMED_STYLES, record_line
 
 Holder = tuple[str, str]  # (wid, thread index)
-Event = tuple[str, str, str, str, str]  # wid, tid, E|X, lock, r|w
+Event = tuple[str, str, str, str, str]  # wid, tid, W|E|F|X|R, lock, r|w
+
+
+@dataclass
+class HoldInfo:
+    """One ``E`` not yet matched by its ``X``."""
+
+    mode: str
+    thread: str
+
+
+@dataclass
+class Inheritance:
+    """A lock's descriptor handed by ``wid`` to a child program: V, then I (runs), J (ends), K."""
+
+    wid: str
+    lock: str
+    state: str
+    pid: int = 0
+    overtaken: bool = False
+
+
+def ancestry(wid: str) -> list[str]:
+    """``wid`` and the names it descends from: ``w1.2.f33`` -> ``w1.2.f33``, ``w1.2``, ``w1``."""
+    names = [wid]
+    while "." in wid:
+        wid = wid.rsplit(".", 1)[0]
+        names.append(wid)
+    return names
 
 
 @dataclass
 class AuditLog:
-    """The audit log, parsed incrementally, with the holders of every lock as of its end."""
+    """The audit log, parsed incrementally, with every lock's holders and brackets as of its end."""
 
     path: Path
+    slots: tuple[str, ...] = ("s0", "s1")
     violations: list[str] = field(default_factory=list)
-    holders: dict[str, dict[Holder, str]] = field(default_factory=lambda: defaultdict(dict))
+    holders: dict[str, dict[Holder, HoldInfo]] = field(default_factory=lambda: defaultdict(dict))
+    attempts: dict[Holder, set[str]] = field(default_factory=lambda: defaultdict(set))
+    releasing: dict[str, set[Holder]] = field(default_factory=lambda: defaultdict(set))
     killed: set[str] = field(default_factory=set)
+    dead: set[str] = field(default_factory=set)
     overtaken: set[str] = field(default_factory=set)
+    procs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    inherits: dict[tuple[str, str], Inheritance] = field(default_factory=dict)
+    #: lock -> processes that may have a kernel-wait helper left behind on it.
+    ghosts: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: Lock -> (wid, line kind) of every line about it since :meth:`clear_touched`.
+    touched: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
     lines: int = 0
     takeovers: int = 0
     _offset: int = 0
     _partial: bytes = b""
 
     def poll(self) -> list[Event]:
-        """Read and check whatever was appended since the last poll; return its events."""
+        """Read and check whatever was appended since the last poll; return its lock events."""
         events: list[Event] = []
         with open(self.path, "rb") as f:
             f.seek(self._offset)
@@ -58,58 +111,198 @@ class AuditLog:
                 events.append(event)
         return events
 
-    def _apply(self, line: str) -> Event | None:
+    def clear_touched(self) -> None:
+        self.touched.clear()
+
+    def _touch(self, locks: Iterable[str], wid: str, what: str) -> None:
+        for lock in locks:
+            self.touched[lock].append((wid, what))
+
+    # -- who is who ---------------------------------------------------------------
+
+    def is_killed(self, wid: str) -> bool:
+        """Whether ``wid`` or a process it descends from was sent SIGKILL."""
+        return any(name in self.killed for name in ancestry(wid))
+
+    def pid(self, wid: str) -> int | None:
+        found = self.procs.get(wid)
+        return found[0] if found else None
+
+    def wids_of(self, pid: int) -> list[str]:
+        return [wid for wid, (p, _) in self.procs.items() if p == pid]
+
+    def _names(self, lock: str) -> tuple[str, ...]:
+        return self.slots if lock == "s?" else (lock,)
+
+    def locks_of(self, wids: Iterable[str]) -> set[str]:
+        """Every lock on which one of ``wids`` has an open bracket or a handed-on descriptor."""
+        wanted = set(wids)
+        found = {lock for lock, held in self.holders.items() for h in held if h[0] in wanted}
+        found |= {lock for lock, rel in self.releasing.items() for h in rel if h[0] in wanted}
+        for holder, names in self.attempts.items():
+            if holder[0] in wanted:
+                found.update(n for name in names for n in self._names(name))
+        found |= {lock for (wid, lock) in self.inherits if wid in wanted}
+        return found
+
+    def family(self, root: str) -> list[str]:
+        """``root`` and every process known to descend from it."""
+        return [wid for wid in self.procs if root in ancestry(wid)] or [root]
+
+    # -- lines ---------------------------------------------------------------------
+
+    def _apply(self, line: str) -> Event | None:  # noqa: PLR0911 - one branch per line kind
         self.lines += 1
         parts = line.split()
-        if len(parts) == 3 and parts[0] == "C":
-            if parts[1] == "kill":
-                self.killed.add(parts[2])
-            return None
-        if len(parts) != 5 or parts[2] not in ("E", "X") or parts[4] not in ("r", "w"):
+        if not parts:
             self.violations.append(f"unparseable audit line {line!r}")
             return None
-        wid, tid, what, lock, mode = parts
+        head = parts[0]
+        try:
+            if head == "C" and len(parts) == 3 and parts[1] == "kill":
+                self.killed.add(parts[2])
+                for wid in self.family(parts[2]):
+                    self._touch(self.locks_of([wid]), wid, "C")
+                return None
+            if head == "P" and len(parts) == 4:
+                self.procs[parts[1]] = (int(parts[2]), int(parts[3]))
+                return None
+            if head == "D" and len(parts) == 2:
+                self._died(parts[1])
+                return None
+            if head in ("V", "I", "J", "K") and len(parts) == 4:
+                self._inheritance(head, parts)
+                return None
+        except ValueError:
+            pass
+        if len(parts) not in (5, 6) or parts[2] not in "WEFXR" or parts[4] not in ("r", "w"):
+            self.violations.append(f"unparseable audit line {line!r}")
+            return None
+        wid, tid, what, lock, mode = parts[:5]
+        extra = parts[5] if len(parts) == 6 else ""
         if wid in self.overtaken:
             self.violations.append(
-                f"{wid} wrote {line!r} after another worker took over a lock it held at its kill: "
-                "it was alive while the lock was held twice"
+                f"{wid} wrote {line!r} after another process took over a lock it held at its "
+                "kill: it was alive while the lock was held twice"
             )
-        held, me = self.holders[lock], (wid, tid)
+        me = (wid, tid)
+        self._touch(self._names(lock), wid, what)
+        if what == "W":
+            self.attempts[me].add(lock)
+            if extra in TIMED_STYLES and lock == "s?":
+                for name in self.slots:  # a permit waits on every slot at once
+                    self.ghosts[name].add(wid)
+            return (wid, tid, what, lock, mode)
+        if what == "F":
+            self.attempts[me].discard(lock)
+            if extra in TIMED_STYLES:
+                for name in self._names(lock):
+                    self.ghosts[name].add(wid)
+            return (wid, tid, what, lock, mode)
+        if what == "R":
+            self.releasing[lock].discard(me)
+            return (wid, tid, what, lock, mode)
+        held = self.holders[lock]
         if what == "X":
             if held.pop(me, None) is None:
                 self.violations.append(f"exit without enter: {line!r}")
+            else:
+                self.releasing[lock].add(me)
             return (wid, tid, what, lock, mode)
+        # E
+        self.attempts[me].discard(lock)
+        if lock in self.slots:
+            self.attempts[me].discard("s?")
         if me in held:
             self.violations.append(f"entered twice without exit: {line!r}")
-        for other, other_mode in list(held.items()):
-            if mode == "r" and other_mode == "r":
+        for other, info in list(held.items()):
+            if mode == "r" and info.mode == "r":
                 continue
-            if other[0] in self.killed:
-                # The kernel released a killed holder's lock; its enter stays unmatched.
+            if self.is_killed(other[0]) or other[0] in self.dead:
+                self._take_over(other, lock, line)
                 del held[other]
-                self.overtaken.add(other[0])
-                self.takeovers += 1
                 continue
             self.violations.append(
                 f"mutual exclusion broken on {lock}: {wid}/t{tid} ({mode}) entered while "
-                f"{other[0]}/t{other[1]} ({other_mode}) held it"
+                f"{other[0]}/t{other[1]} ({info.mode}) held it"
             )
-        held[me] = mode
+        held[me] = HoldInfo(mode, extra or f"{wid}-t{tid}")
         return (wid, tid, what, lock, mode)
 
+    def _take_over(self, other: Holder, lock: str, line: str) -> None:
+        """A killed (or dead) holder's lock taken by another: fine unless a child still holds it."""
+        inheritance = self.inherits.get((other[0], lock))
+        if inheritance is not None:
+            if inheritance.state == "I":
+                self.violations.append(
+                    f"mutual exclusion broken on {lock}: {line!r} entered while pid "
+                    f"{inheritance.pid}, which inherited it from the killed {other[0]}, held it"
+                )
+            inheritance.overtaken = True
+        self.overtaken.add(other[0])
+        self.takeovers += 1
+
+    def _died(self, wid: str) -> None:
+        """``wid`` is dead: it holds nothing, and its open brackets are closed."""
+        self._touch(self.locks_of([wid]), wid, "D")
+        self.dead.add(wid)
+        for holder in [h for h in self.attempts if h[0] == wid]:
+            del self.attempts[holder]
+        for rel in self.releasing.values():
+            for holder in [h for h in rel if h[0] == wid]:
+                rel.discard(holder)
+        if any(h[0] == wid for held in self.holders.values() for h in held):
+            # Died inside a lock: the kernel let go. Treated as killed from here on.
+            self.killed.add(wid)
+
+    def _inheritance(self, head: str, parts: list[str]) -> None:
+        if head == "V":
+            _, wid, _tid, lock = parts
+            self.inherits[(wid, lock)] = Inheritance(wid, lock, "V")
+            self._touch([lock], wid, head)
+            return
+        _, wid, lock, pid = parts
+        self._touch([lock], wid, head)
+        inheritance = self.inherits.setdefault((wid, lock), Inheritance(wid, lock, "V"))
+        if head == "I":
+            inheritance.pid = int(pid)
+            if inheritance.overtaken:
+                self.violations.append(
+                    f"mutual exclusion broken on {lock}: pid {pid}, which inherited it from "
+                    f"the killed {wid}, started after another process took it over"
+                )
+        if head == "K":
+            del self.inherits[(wid, lock)]
+        elif inheritance.state != "J":
+            inheritance.state = head
+
+    # -- views ---------------------------------------------------------------------
+
     def live_holds(self) -> dict[str, set[Holder]]:
-        """Lock -> holders now, leaving out workers that were sent SIGKILL."""
+        """Lock -> holders now, leaving out processes that were sent SIGKILL."""
         return {
-            lock: {h for h in held if h[0] not in self.killed}
+            lock: {h for h in held if not self.is_killed(h[0])}
             for lock, held in self.holders.items()
-            if any(h[0] not in self.killed for h in held)
+            if any(not self.is_killed(h[0]) for h in held)
         }
 
     def holding(self, wid: str) -> bool:
-        return any(h[0] == wid for held in self.holders.values() for h in held)
+        return any(wid in ancestry(h[0]) for held in self.holders.values() for h in held)
+
+    def live_inheritance(self, wid: str) -> bool:
+        """Whether a child program holds a lock ``wid`` handed it (the kill that makes ORPHANED)."""
+        return any(i.wid == wid and i.state == "I" for i in self.inherits.values())
+
+    def undead(self) -> list[tuple[str, int, int]]:
+        """Killed processes not yet seen dead: (wid, pid, start)."""
+        return [
+            (wid, pid, start)
+            for wid, (pid, start) in self.procs.items()
+            if wid not in self.dead and self.is_killed(wid)
+        ]
 
     def finish(self) -> None:
-        """At the end of the run: only killed workers may have an unmatched enter."""
+        """At the end of the run: only killed processes may have an unmatched enter."""
         self.poll()
         if self._partial:
             self.violations.append(f"audit log ends mid-line: {self._partial!r}")
@@ -134,7 +327,7 @@ def check_manifest(path: Path, acked: set[tuple[str, int]]) -> tuple[list[str], 
     return problems, whole, torn
 
 
-def _library(name: str) -> Callable[..., Any] | None:
+def library(name: str) -> Callable[..., Any] | None:
     """``grex_locks.<name>``, else ``grex_locks.<name>.<name>``; None while the library lacks it."""
     import grex_locks
 
@@ -145,6 +338,17 @@ def _library(name: str) -> Callable[..., Any] | None:
         except ImportError:
             return None
     return found if callable(found) else None
+
+
+def is_dead(pid: int, start: int) -> bool:
+    """Whether the process ``pid`` that started at ``start`` (clock ticks) has exited."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0] in (b"Z", b"X") or (start != 0 and int(fields[19]) != start)
 
 
 def kernel_says_holds(pid: int, path: Path) -> bool | None:
@@ -168,7 +372,7 @@ def kernel_says_holds(pid: int, path: Path) -> bool | None:
     return False
 
 
-def _state(diagnosis: Any) -> str:
+def state_name(diagnosis: Any) -> str:
     state = getattr(diagnosis, "state", None)
     return str(getattr(state, "name", state))
 
@@ -182,16 +386,18 @@ def _pid_and_start(diagnosis: Any) -> tuple[Any, Any]:
 
 @dataclass
 class Diagnostics:
-    """``scan()`` and the kernel lock table, judged against the audit."""
+    """``scan()`` and ``diagnose()``, and the kernel lock table, judged against the audit."""
 
     root: Path
     lock_files: dict[str, Path]
     scans: int = 0
     judged: int = 0
     scan: Callable[..., Any] | None = field(default=None, init=False)
+    diagnose: Callable[..., Any] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.scan = _library("scan")
+        self.scan = library("scan")
+        self.diagnose = library("diagnose")
 
     @property
     def available(self) -> bool:
@@ -201,6 +407,13 @@ class Diagnostics:
         """One ``scan()`` of the run's tree (empty while the library lacks it)."""
         self.scans += 1
         return list(self.scan(self.root)) if self.scan is not None else []
+
+    def each(self) -> list[Any]:
+        """``diagnose()`` of every lock of the run, one by one."""
+        self.scans += 1
+        if self.diagnose is None:
+            return self.snapshot()
+        return [self.diagnose(path) for path in self.lock_files.values()]
 
     def judge(
         self,
@@ -212,7 +425,7 @@ class Diagnostics:
         """Violations: a lock held throughout the scan reported free, or HELD naming the dead.
 
         ``held`` must contain only holds whose ``enter`` precedes the scan and
-        whose ``exit`` follows it, by workers alive all along; ``kernel``
+        whose ``exit`` follows it, by processes alive all along; ``kernel``
         says, per (lock, wid), whether the holder's own ``/proc/<pid>/fdinfo``
         showed the flock during the scan (exact, unlike a multi-page read of
         /proc/locks); ``dead`` maps the pid of every worker reaped before the
@@ -231,13 +444,13 @@ class Diagnostics:
             found = by_path.get(path)
             if found is None:
                 problems.append(f"scan() did not list {path}, held by {sorted(holders)}")
-            elif _state(found) in ("FREE", "STALE_RECORD"):
+            elif state_name(found) in ("FREE", "STALE_RECORD"):
                 problems.append(
-                    f"scan() says {path} is {_state(found)} while {sorted(holders)} held it "
-                    f"throughout the scan: {_describe(found)}"
+                    f"scan() says {path} is {state_name(found)} while {sorted(holders)} held it "
+                    f"throughout the scan: {describe(found)}"
                 )
         for diagnosis in diagnoses:
-            if _state(diagnosis) != "HELD":
+            if state_name(diagnosis) != "HELD":
                 continue
             # A lock held only shared is HELD whatever its record says (a
             # killed writer's record may linger under live readers): then the
@@ -248,7 +461,7 @@ class Diagnostics:
                 if isinstance(pid, int) and pid in dead and _same_start(start, dead[pid]):
                     problems.append(
                         f"scan() says HELD naming pid {pid}, a worker reaped before the scan: "
-                        f"{_describe(diagnosis)}"
+                        f"{describe(diagnosis)}"
                     )
         return problems
 
@@ -258,8 +471,8 @@ class Diagnostics:
             return "(grex_locks.scan is not available)"
         lines = []
         for diagnosis in self.scan(self.root):
-            if _state(diagnosis) != "FREE":
-                lines.append(f"  {_describe(diagnosis)}")
+            if state_name(diagnosis) != "FREE":
+                lines.append(f"  {describe(diagnosis)}")
         return "\n".join(lines) or "  (every lock free)"
 
 
@@ -267,6 +480,6 @@ def _same_start(recorded: Any, actual: float) -> bool:
     return isinstance(recorded, (int, float)) and abs(float(recorded) - actual) < 0.5
 
 
-def _describe(diagnosis: Any) -> str:
+def describe(diagnosis: Any) -> str:
     to_dict = getattr(diagnosis, "to_dict", None)
     return repr(to_dict()) if callable(to_dict) else repr(diagnosis)

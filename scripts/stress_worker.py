@@ -1,13 +1,32 @@
 """One chaos worker for ``scripts/stress.py``: threads looping over random legal lock chains.
 
-Each thread repeats one *pack operation*: a random legal chain of grex's
-locks, outer to inner — a scheduler permit, one pack (or two together via
-``acquire_all``), a backend, then a manifest append (``write()``) or a
-manifest read (``read()``) — each taken in a random style: a wait with a
-generous deadline, a short timeout, a cancel event set a moment later (or
-already set), or ``try_acquire``. Around every critical section the thread
-appends ``enter``/``exit`` lines to the O_APPEND audit log *while it holds
-the lock*, so the order of lines in the log is the order the locks were
+Each thread repeats one *operation*. Most are a *pack operation*: a random
+legal chain of grex's locks, outer to inner — a scheduler permit, one pack
+(or two together via ``acquire_all``), a backend, then a manifest append
+(``write()``) or a manifest read (``read()``) — each taken in a random style:
+a wait with a generous deadline, a short timeout, a cancel event set a moment
+later (or already set), ``try_acquire``, or now and then a plain ``with
+lock:``. Inside the chain a thread may also
+
+* fork a child while it holds the chain (``stress_forks``): the child
+  collects garbage, exits in one of several ways, drops or releases the
+  inherited holds, takes other locks (which reuse the closed descriptors'
+  numbers), or tries the parent's own lock — and the parent then checks that
+  its locks are still held and its owner records still name it;
+* hand a held pack or backend lock's descriptor to a child program, as
+  ``grex-locks run`` does (``stress_inheritor.py``): killed while it runs, the
+  worker leaves an ORPHANED lock behind.
+
+Some operations are a *sync*: the thread takes the workspace sync lock (or,
+when another sync runs, a scheduler permit) and runs a ``fork``
+``ProcessPoolExecutor`` under it, whose tasks take pack and manifest locks
+themselves.
+
+The audit log (O_APPEND, one ``write`` per line, see ``stress_audit.py``)
+brackets every lock: ``W`` before an attempt, ``E`` once held (after acquire
+returned) or ``F`` when it failed, ``X`` just before the release and ``R``
+after it. So every moment a lock can be held by someone falls inside a
+bracket, and the order of ``E``/``X`` lines is the order the locks were
 really held in. A manifest append is acknowledged to the coordinator only
 after its ``write()`` hold is released.
 
@@ -30,7 +49,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,9 +62,10 @@ from grex_locks import (
     PackLock,
     Permit,
     Scheduler,
+    WorkspaceLock,
     acquire_all,
 )
-from grex_locks._core.gate import registry_size
+from grex_locks._core.gate import registry_size  # internals, for the end-of-operation checks
 from grex_locks._core.tiers import held_tiers
 
 N_PACKS = 3
@@ -54,6 +74,9 @@ N_SLOTS = 2
 MAX_THREADS = 8
 #: What a thread is doing, one byte per thread in its worker's state file.
 IDLE, WAITING = b"i", b"w"
+#: Acquire styles; the timed ones may leave a kernel-wait helper behind.
+STYLES = ("wait", "short", "cancel", "try", "with")
+TIMED_STYLES = ("wait", "short", "cancel")
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,10 @@ class Layout:
 
     def backend(self, index: int) -> Path:
         return self.root / "repos" / f"r{index}"
+
+    @property
+    def workspace(self) -> Path:
+        return self.root / "ws"
 
     @property
     def manifest_lock(self) -> Path:
@@ -100,10 +127,11 @@ class Layout:
 
 
 class LockSet:
-    """The five locks of a run; pickles as its locks (each as its constructor argument)."""
+    """The locks of a run; pickles as its locks (each as its constructor argument)."""
 
     def __init__(self, layout: Layout) -> None:
         self.scheduler = Scheduler(N_SLOTS, slots_dir=layout.slots)
+        self.workspace = WorkspaceLock(layout.workspace)
         self.packs = [PackLock(layout.pack(i)) for i in range(N_PACKS)]
         self.backends = [BackendLock(layout.backend(i)) for i in range(N_BACKENDS)]
         self.manifest = ManifestLock(layout.manifest_lock)
@@ -111,6 +139,7 @@ class LockSet:
     def paths(self) -> dict[str, Path]:
         """Audit name of every lock -> its lock file."""
         names = {f"s{i}": self.scheduler_slot(i) for i in range(N_SLOTS)}
+        names["ws"] = self.workspace.path
         names.update({f"p{i}": lock.path for i, lock in enumerate(self.packs)})
         names.update({f"b{i}": lock.path for i, lock in enumerate(self.backends)})
         names["m"] = self.manifest.path
@@ -120,6 +149,13 @@ class LockSet:
         slots_dir = self.scheduler.slots_dir
         assert slots_dir is not None
         return slots_dir / f"slot-{index}.lock"
+
+
+def lock_kind(name: str) -> str:
+    """The kind of lock an audit name stands for."""
+    if name == "ws":
+        return "workspace"
+    return {"p": "pack", "b": "backend", "m": "manifest", "s": "slot"}[name[0]]
 
 
 @dataclass(frozen=True)
@@ -133,7 +169,10 @@ class Plan:
     threads: int
     patience: float  # the deadline of a "wait" acquire: passing it is a failure
     dwell: float  # mean seconds spent inside the innermost lock
-    sabotage: bool = False  # break the OS lock, to show that the checks catch it
+    sabotage: str = ""  # "lock", "fork" or "record": break something, to show the checks catch it
+    fork_share: float = 0.08  # share of pack operations that fork a child while holding
+    pool_share: float = 0.02  # share of operations that run a fork pool under a held lock
+    inherit_share: float = 0.04  # share of pack operations that hand a lock to a child program
 
 
 def record_line(wid: str, seq: int) -> bytes:
@@ -142,37 +181,63 @@ def record_line(wid: str, seq: int) -> bytes:
     return json.dumps({"w": wid, "s": seq, "d": digest * 3}, separators=(",", ":")).encode()
 
 
+def process_start(pid: int) -> int:
+    """The start time of process ``pid`` in clock ticks since boot (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
 class PatienceExceeded(Exception):
     """A wait with the generous deadline ran out: a suspected deadlock."""
 
 
-class Worker:
-    """One worker process: its threads, its audit descriptor, its socket to the coordinator."""
+class Actor:
+    """One process of the run that takes locks: it audits, appends, and talks to the coordinator.
 
-    def __init__(self, plan: Plan) -> None:
+    A worker is one; so are its forked children and its fork pool's workers,
+    each under a name of its own (``<wid>.f<pid>``, ``<wid>.q<pid>``) that the
+    coordinator treats as killed when ``<wid>`` is.
+    """
+
+    def __init__(self, plan: Plan, wid: str, audit_fd: int, sock: socket.socket) -> None:
         self.plan = plan
         self.layout = plan.layout
-        self.audit_fd = os.open(plan.layout.audit, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.connect(str(plan.layout.socket))
-        self.state_fd = os.open(plan.layout.state(plan.wid), os.O_RDWR | os.O_CLOEXEC)
+        self.wid = wid
+        self.pid = os.getpid()
+        self.audit_fd = audit_fd
+        self.sock = sock
         self.seq = 0
         self.seq_mutex = threading.Lock()
         self.stopping = threading.Event()
-        self.parent = os.getppid()
+        self.write(f"P {wid} {self.pid} {process_start(self.pid)}")
+
+    def mine(self) -> bool:
+        """Whether this process is the actor (a forked child inherits the object, not the role)."""
+        return os.getpid() == self.pid
+
+    def write(self, line: str) -> None:
+        if self.mine():
+            os.write(self.audit_fd, (line + "\n").encode())
 
     def send(self, *words: object) -> None:
+        if not self.mine():
+            return
         try:
             self.sock.send(" ".join(str(w) for w in words).encode())
         except OSError:
             self.stopping.set()  # the coordinator is gone: wind down
 
-    def audit(self, tid: int, event: str, names: list[str], mode: str) -> None:
+    def audit(self, tid: int, event: str, names: list[str], mode: str, extra: str = "") -> None:
         for name in names:
-            os.write(self.audit_fd, f"{self.plan.wid} {tid} {event} {name} {mode}\n".encode())
+            self.write(f"{self.wid} {tid} {event} {name} {mode}{' ' + extra if extra else ''}")
 
     def set_state(self, tid: int, state: bytes) -> None:
-        os.pwrite(self.state_fd, state, tid)
+        del tid, state
 
     def next_seq(self) -> int:
         with self.seq_mutex:
@@ -180,21 +245,52 @@ class Worker:
             return self.seq
 
     def stop_requested(self) -> bool:
+        return self.stopping.is_set() or self.layout.stop.exists()
+
+
+class Worker(Actor):
+    """One worker process: its threads, its audit descriptor, its socket to the coordinator."""
+
+    def __init__(self, plan: Plan) -> None:
+        audit_fd = os.open(plan.layout.audit, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.connect(str(plan.layout.socket))
+        super().__init__(plan, plan.wid, audit_fd, sock)
+        self.state_fd = os.open(plan.layout.state(plan.wid), os.O_RDWR | os.O_CLOEXEC)
+        self.parent = os.getppid()
+
+    def set_state(self, tid: int, state: bytes) -> None:
+        if self.mine():
+            os.pwrite(self.state_fd, state, tid)
+
+    def stop_requested(self) -> bool:
         # A coordinator that died (or was killed) leaves its workers orphaned.
-        orphaned = os.getppid() != self.parent
-        return orphaned or self.stopping.is_set() or self.layout.stop.exists()
+        return os.getppid() != self.parent or super().stop_requested()
+
+
+@dataclass
+class Taken:
+    """One thing a chain holds: its audit names, mode, the held object and the lock object."""
+
+    names: list[str]
+    mode: str
+    held: Any
+    lock: Any = None
+    paths: list[Path] = field(default_factory=list)
 
 
 class Chain:
-    """One pack operation of one thread: takes locks onto an ExitStack, auditing each."""
+    """One operation of one thread: takes locks onto an ExitStack, auditing each."""
 
-    def __init__(self, worker: Worker, tid: int, rng: random.Random, stack: ExitStack) -> None:
-        self.worker = worker
+    def __init__(self, actor: Actor, tid: int, rng: random.Random, stack: ExitStack) -> None:
+        self.actor = actor
         self.tid = tid
         self.rng = rng
         self.stack = stack
         self.waits = 0
         self.acks: list[int] = []
+        self.taken: list[Taken] = []
+        self.thread_name = threading.current_thread().name
 
     def take(
         self,
@@ -202,12 +298,22 @@ class Chain:
         mode: str,
         attempt: Callable[[float | None, Any], AbstractContextManager[Any]],
         try_now: Callable[[], AbstractContextManager[Any]],
+        *,
+        lock: Any = None,
+        style: str | None = None,
     ) -> Any:
-        """Acquire in a random style; audit ``enter`` now and ``exit`` just before release."""
-        rng, patience = self.rng, self.worker.plan.patience
-        style = rng.choices(("wait", "short", "cancel", "try"), (5, 2, 2, 1))[0]
+        """Take a lock in a random style, audited: W, then E or F; X and R around the release.
+
+        ``names`` None is a scheduler permit: its slot is known only once held
+        (``W s?``). A ``lock`` given may also be taken with a plain ``with``.
+        """
+        rng, patience, actor = self.rng, self.actor.plan.patience, self.actor
+        if style is None:
+            style = rng.choices(STYLES, (50, 20, 20, 10, 4 if lock is not None else 0))[0]
+        wanted = names if names is not None else ["s?"]
         timer: threading.Timer | None = None
-        self.worker.set_state(self.tid, WAITING)
+        actor.audit(self.tid, "W", wanted, mode, style)
+        actor.set_state(self.tid, WAITING)
         try:
             if style == "wait":
                 self.waits += 1
@@ -225,23 +331,69 @@ class Chain:
                     timer = threading.Timer(rng.uniform(0.0, 0.03), cancel.set)
                     timer.start()
                 held = attempt(patience, cancel)
+            elif style == "with":
+                self.waits += 1
+                held = lock.__enter__()  # a plain `with lock:`, its exit below
+                held = _WithBlock(lock)
             else:
                 held = try_now()
+        except BaseException:
+            actor.audit(self.tid, "F", wanted, mode, style)
+            raise
         finally:
-            self.worker.set_state(self.tid, IDLE)
+            actor.set_state(self.tid, IDLE)
             if timer is not None:
                 timer.cancel()
-        self.stack.enter_context(held)
         if names is None:  # a permit: its slot is known only now
             slot = cast(Permit, held).slot
             assert slot is not None  # a scheduler with slots_dir always names the slot
             names = [f"s{slot.name.removeprefix('slot-').removesuffix('.lock')}"]
-        self.worker.audit(self.tid, "E", names, mode)
-        self.stack.callback(self.worker.audit, self.tid, "X", names, mode)
+        # R is registered first so that it runs last: after the release returned.
+        self.stack.callback(actor.audit, self.tid, "R", names, mode)
+        self.stack.enter_context(held)
+        actor.audit(self.tid, "E", names, mode, self.thread_name)
+        self.stack.callback(actor.audit, self.tid, "X", names, mode)
+        paths = self.lock_paths(names)
+        self.taken.append(Taken(names, mode, held, lock, paths))
         return held
 
+    def lock_paths(self, names: list[str]) -> list[Path]:
+        paths = self.actor.plan.locks.paths()
+        return [paths[name] for name in names]
+
+    def take_pack(self, index: int) -> Any:
+        pack = self.pack(index)
+        return self.take(
+            [f"p{index}"],
+            "w",
+            lambda t, c: pack.acquire(timeout=t, cancel=c),
+            pack.try_acquire,
+            lock=pack,
+        )
+
+    def take_manifest(self, write: bool) -> None:
+        manifest = self.actor.plan.locks.manifest
+        if write:
+            self.take(
+                ["m"],
+                "w",
+                lambda t, c: manifest.write(timeout=t, cancel=c),
+                manifest.try_acquire,
+                lock=manifest,
+            )
+            self.append_record()
+        else:
+            self.take(
+                ["m"],
+                "r",
+                lambda t, c: manifest.read(timeout=t, cancel=c),
+                lambda: manifest.read(timeout=0),
+            )
+            self.read_tail()
+
     def run(self) -> None:
-        locks, rng = self.worker.plan.locks, self.rng
+        """A pack operation: a random legal chain, with now and then a fork or an inheritor."""
+        locks, rng, plan = self.actor.plan.locks, self.rng, self.actor.plan
         if rng.random() < 0.6:
             sched = locks.scheduler
             self.take(None, "w", lambda t, c: sched.acquire(timeout=t, cancel=c), sched.try_acquire)
@@ -256,11 +408,7 @@ class Chain:
                 lambda: acquire_all(group, timeout=0),
             )
         elif shape < 0.8:
-            index = rng.randrange(N_PACKS)
-            pack = self.pack(index)
-            self.take(
-                [f"p{index}"], "w", lambda t, c: pack.acquire(timeout=t, cancel=c), pack.try_acquire
-            )
+            self.take_pack(rng.randrange(N_PACKS))
         if rng.random() < 0.5:
             index = rng.randrange(N_BACKENDS)
             backend = locks.backends[index]
@@ -269,31 +417,30 @@ class Chain:
                 "w",
                 lambda t, c: backend.acquire(timeout=t, cancel=c),
                 backend.try_acquire,
+                lock=backend,
             )
-        manifest = locks.manifest
+        if rng.random() < plan.inherit_share:
+            from stress_forks import hand_to_inheritor
+
+            hand_to_inheritor(self)
+        if rng.random() < plan.fork_share:
+            from stress_forks import fork_child
+
+            fork_child(self)
         kind = rng.random()
         if kind < 0.35:
-            self.take(
-                ["m"], "w", lambda t, c: manifest.write(timeout=t, cancel=c), manifest.try_acquire
-            )
-            self.append_record()
+            self.take_manifest(write=True)
         elif kind < 0.7:
-            self.take(
-                ["m"],
-                "r",
-                lambda t, c: manifest.read(timeout=t, cancel=c),
-                lambda: manifest.read(timeout=0),
-            )
-            self.read_tail()
+            self.take_manifest(write=False)
         self.dwell()
 
     def pack(self, index: int) -> PackLock:
         """The worker's shared PackLock object, or now and then a fresh one for the same pack."""
-        shared = self.worker.plan.locks.packs[index]
-        return shared if self.rng.random() < 0.7 else PackLock(self.worker.layout.pack(index))
+        shared = self.actor.plan.locks.packs[index]
+        return shared if self.rng.random() < 0.7 else PackLock(self.actor.layout.pack(index))
 
     def dwell(self) -> None:
-        mean = self.worker.plan.dwell
+        mean = self.actor.plan.dwell
         # The random pacing that lets the killer find workers inside locks, not a handshake.
         time.sleep(min(self.rng.expovariate(1.0 / mean), 20 * mean))
 
@@ -305,9 +452,9 @@ class Chain:
         killed mid-append is ended with a newline first, as a real manifest
         writer would repair it.
         """
-        seq = self.worker.next_seq()
-        line = record_line(self.worker.plan.wid, seq) + b"\n"
-        fd = os.open(self.worker.layout.manifest, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        seq = self.actor.next_seq()
+        line = record_line(self.actor.wid, seq) + b"\n"
+        fd = os.open(self.actor.layout.manifest, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             end = os.lseek(fd, 0, os.SEEK_END)
             if end and os.pread(fd, 1, end - 1) != b"\n":
@@ -322,43 +469,72 @@ class Chain:
 
     def read_tail(self) -> None:
         """Read the manifest's tail under the read lock (what a reader would do)."""
-        with contextlib.suppress(FileNotFoundError), open(self.worker.layout.manifest, "rb") as f:
+        with contextlib.suppress(FileNotFoundError), open(self.actor.layout.manifest, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
             f.read()
 
 
+class _WithBlock:
+    """The exit half of a plain ``with lock:`` whose enter already ran."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> _WithBlock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.__exit__(*exc)
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, PatienceExceeded):
+        return "deadline"
+    if isinstance(exc, LockTimeout):
+        return "timeout"
+    if isinstance(exc, LockCancelled):
+        return "cancel"
+    if isinstance(exc, LockBusy):
+        return "busy"
+    return "error"
+
+
 def thread_loop(worker: Worker, tid: int) -> None:
-    """Run pack operations until asked to stop; report each to the coordinator."""
+    """Run operations until asked to stop; report each to the coordinator."""
+    from stress_forks import child_finish, sync_with_pool
+
     rng = random.Random(f"{worker.plan.seed}:{worker.plan.wid}:{tid}")
     wid = worker.plan.wid
     while not worker.stop_requested():
         outcome = "ok"
-        with ExitStack() as stack:
-            chain = Chain(worker, tid, rng, stack)
-            try:
-                chain.run()
-            except PatienceExceeded as exc:
-                outcome = "deadline"
+        chain: Chain | None = None
+        try:
+            with ExitStack() as stack:
+                chain = Chain(worker, tid, rng, stack)
+                if rng.random() < worker.plan.pool_share:
+                    sync_with_pool(chain)
+                else:
+                    chain.run()
+        except BaseException as exc:
+            if not worker.mine():
+                child_finish(exc)  # never returns
+            if not isinstance(exc, Exception):
+                raise
+            outcome = _outcome(exc)
+            if outcome == "deadline":
                 worker.send(
                     "bad", wid, tid, f"deadline: a wait of {worker.plan.patience} s ran out: {exc}"
                 )
-            except LockTimeout:
-                outcome = "timeout"
-            except LockCancelled:
-                outcome = "cancel"
-            except LockBusy:
-                outcome = "busy"
-            except Exception:  # noqa: BLE001 - any other error is a finding to report
-                outcome = "error"
+            elif outcome == "error":
                 worker.send(
                     "bad", wid, tid, "error: " + traceback.format_exc().replace("\n", " | ")
                 )
         # Acknowledged only now: every write() hold of the chain has been released.
-        for seq in chain.acks:
+        for seq in chain.acks if chain is not None else []:
             worker.send("ack", wid, seq)
         if held_tiers():
             worker.send("bad", wid, tid, f"tiers still held after an operation: {held_tiers()}")
-        worker.send("op", wid, tid, outcome, chain.waits)
+        worker.send("op", wid, tid, outcome, chain.waits if chain is not None else 0)
 
 
 def _sabotage() -> None:
@@ -379,7 +555,7 @@ def _sabotage() -> None:
 
 def worker_main(plan: Plan) -> None:
     """Entry point of a worker process (spawned or forked)."""
-    if plan.sabotage:
+    if plan.sabotage == "lock":
         _sabotage()
     dump = open(plan.layout.dump(plan.wid), "w")  # noqa: SIM115 - lives as long as the process
     faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)

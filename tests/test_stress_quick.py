@@ -1,11 +1,14 @@
 """The chaos run's short mode, in the default test run, so a regression is caught at every change.
 
 ``scripts/stress.py --quick`` runs worker processes (spawn and fork) over
-random legal chains of the five locks while a killer SIGKILLs, SIGSTOPs and
-SIGCONTs them, and checks mutual exclusion, that no acknowledged manifest
-append is lost, that no wait passes its deadline, and that ``scan()`` agrees
-with the kernel. A second run breaks the OS lock on purpose, to show that
-those checks can fail at all.
+random legal chains of the locks while a killer SIGKILLs, SIGSTOPs and
+SIGCONTs them; the workers fork children while holding, run ``fork`` process
+pools under a held lock and hand held descriptors to child programs. It
+checks mutual exclusion, that a forked child never releases its parent's
+lock nor changes its record, that no acknowledged manifest append is lost,
+that no wait passes its deadline, and that every diagnosis is exact. Two
+more runs break things on purpose — the OS lock, and a forked child that
+unlocks its parent's lock — to show that those checks can fail at all.
 """
 
 from __future__ import annotations
@@ -42,9 +45,14 @@ def test_quick_chaos_run_finds_no_violation() -> None:
     status, output, totals = run_stress("--quick", "--duration", "25", timeout=110)
     assert status == 0, output[-8000:]
     assert totals["violations"] == 0, output[-8000:]
+    assert totals["misses"] == 0, output[-8000:]
     assert totals["kills"] > 0
     assert totals["stops"] > 0
     assert totals["operations"] > 100
+    assert totals["forks"] > 0
+    assert totals["pools"] > 0
+    assert totals["inheritors"] > 0
+    assert totals["exact"] > 50
 
 
 @pytest.mark.timeout(60)
@@ -55,3 +63,13 @@ def test_chaos_run_catches_a_broken_lock() -> None:
     assert status == 1, output[-8000:]
     assert totals["violations"] > 0
     assert "mutual exclusion broken" in output
+
+
+@pytest.mark.timeout(60)
+def test_chaos_run_catches_a_child_that_unlocks_its_parent() -> None:
+    status, output, totals = run_stress(
+        "--quick", "--duration", "4", "--sabotage", "fork", "--seed", "1", timeout=50
+    )
+    assert status == 1, output[-8000:]
+    assert totals["violations"] > 0
+    assert "inherited hold released" in output
