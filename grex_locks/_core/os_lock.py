@@ -1,14 +1,19 @@
-"""The operating-system lock: ``flock(2)`` through portalocker, nothing more.
+"""The operating-system lock: ``flock(2)``, and nothing more.
 
 A thin layer in the portalocker spirit: it speaks in descriptors and
 booleans, and converts every ``OSError`` into :class:`LockIOError` once,
-here. ``FlockLocker`` is pinned so that no global setting of portalocker's
-can switch these locks to ``lockf`` (whose locks threads silently share and
-which util-linux ``flock(1)`` and grex's Rust core would not see).
+here. The blocking wait goes through portalocker's ``FlockLocker``, pinned so
+that no global setting of portalocker's can switch these locks to ``lockf``
+(whose locks threads silently share and which util-linux ``flock(1)`` and
+grex's Rust core would not see). The two calls on every uncontended
+acquire and release — the non-blocking attempt and the unlock — call
+``fcntl.flock`` directly with flags combined once: portalocker's per-call
+flag arithmetic costs as much as the system call itself.
 """
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import portalocker
@@ -17,18 +22,13 @@ from portalocker.portalocker import FlockLocker
 from grex_locks.errors import LockIOError
 
 _locker = FlockLocker()
-_EXCLUSIVE = portalocker.LockFlags.EXCLUSIVE
-_SHARED = portalocker.LockFlags.SHARED
-_NON_BLOCKING = portalocker.LockFlags.NON_BLOCKING
+_BLOCKING_FLAGS = {True: portalocker.LockFlags.SHARED, False: portalocker.LockFlags.EXCLUSIVE}
+_TRY_FLAGS = {True: fcntl.LOCK_SH | fcntl.LOCK_NB, False: fcntl.LOCK_EX | fcntl.LOCK_NB}
+_flock = fcntl.flock
+_UNLOCK = fcntl.LOCK_UN
 
 
-# Combined once: IntFlag arithmetic per call would cost as much as the flock.
-_BLOCKING_FLAGS = {True: _SHARED, False: _EXCLUSIVE}
-_TRY_FLAGS = {True: _SHARED | _NON_BLOCKING, False: _EXCLUSIVE | _NON_BLOCKING}
-
-
-def _io_error(path: Path, what: str, exc: portalocker.LockException) -> LockIOError:
-    cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+def _io_error(path: Path, what: str, cause: BaseException) -> LockIOError:
     error = LockIOError(path, f"cannot {what} lock file {path}: {cause}")
     error.__cause__ = cause
     return error
@@ -37,10 +37,10 @@ def _io_error(path: Path, what: str, exc: portalocker.LockException) -> LockIOEr
 def try_lock(fd: int, path: Path, *, shared: bool) -> bool:
     """Take the lock on ``fd`` if nobody holds a conflicting one; never wait."""
     try:
-        _locker.lock(fd, _TRY_FLAGS[shared])
-    except portalocker.AlreadyLocked:
+        _flock(fd, _TRY_FLAGS[shared])
+    except BlockingIOError:
         return False
-    except portalocker.LockException as exc:
+    except OSError as exc:
         raise _io_error(path, "lock", exc) from None
     return True
 
@@ -55,12 +55,13 @@ def lock_blocking(fd: int, path: Path, *, shared: bool) -> None:
     try:
         _locker.lock(fd, _BLOCKING_FLAGS[shared])
     except portalocker.LockException as exc:
-        raise _io_error(path, "lock", exc) from None
+        cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+        raise _io_error(path, "lock", cause) from None
 
 
 def unlock(fd: int, path: Path) -> None:
     """Release whatever lock ``fd``'s open file description holds."""
     try:
-        _locker.unlock(fd)
-    except portalocker.LockException as exc:
+        _flock(fd, _UNLOCK)
+    except OSError as exc:
         raise _io_error(path, "unlock", exc) from None

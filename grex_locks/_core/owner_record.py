@@ -88,20 +88,25 @@ class _ProcessFacts:
 
 _facts: _ProcessFacts | None = None
 
-#: Thread names as JSON strings: encoding the same few names on every acquire
-#: costs as much as the write that follows.
-_json_string = functools.lru_cache(maxsize=1024)(json.dumps)
-
-
-def encode_record(tier: int) -> bytes:
-    """This thread's owner record, now, for a lock of ``tier``."""
+def _facts_now() -> _ProcessFacts:
     global _facts  # noqa: PLW0603 - a per-process cache, renewed in a forked child
     facts = _facts
     if facts is None or facts.generation != generation.value:
         facts = _facts = _ProcessFacts()
-    thread = _json_string(threading.current_thread().name)
-    text = f'{facts.prefix},"thread":{thread},"tier":{tier},"acquired_at":{time.time()!r}'
-    return with_check(text.encode())
+    return facts
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_head(facts: _ProcessFacts, thread_name: str, tier: int) -> str:
+    # Everything but the time, for one thread and tier: encoding the same
+    # names on every acquire would cost as much as the write that follows.
+    return f'{facts.prefix},"thread":{json.dumps(thread_name)},"tier":{tier},"acquired_at":'
+
+
+def encode_record(tier: int) -> bytes:
+    """This thread's owner record, now, for a lock of ``tier``."""
+    head = _record_head(_facts_now(), threading.current_thread().name, tier)
+    return with_check(f"{head}{time.time()!r}".encode())
 
 
 class RecordFile:
