@@ -21,13 +21,17 @@ def main(argv: list[str]) -> int:
     audit, wid, lock, _fd, life = argv
     out = os.open(audit, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     os.write(out, f"I {wid} {lock} {os.getpid()}\n".encode())
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    told = os.read(0, 1)
-    if not told:
-        # Orphaned: the lock is held by this process alone, as long as it lives.
-        time.sleep(float(life))
-    os.write(out, f"J {wid} {lock} {os.getpid()}\n".encode())
+    try:
+        try:
+            os.write(1, b"ready\n")
+            told = os.read(0, 1)
+        except OSError:  # the worker died before it could listen
+            told = b""
+        if not told:
+            # Orphaned: the lock is held by this process alone, as long as it lives.
+            time.sleep(float(life))
+    finally:
+        os.write(out, f"J {wid} {lock} {os.getpid()}\n".encode())
     return 0
 
 
