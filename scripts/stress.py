@@ -75,8 +75,9 @@ from stress_worker import (
 )
 
 START_METHODS = ("spawn", "fork")
-#: Violations and misses printed as they happen; the rest are only counted.
+#: Violations and exactness misses printed as they happen; the rest are only counted.
 MAX_PRINTED = 100
+MAX_MISSES_PRINTED = 500
 #: Which invariant a violation breaks, told by its words (the first match wins).
 KINDS = (
     ("fork-release", ("inherited hold released",)),
@@ -235,6 +236,8 @@ class Run:
             self.totals["pool processes"] += int(words[4])
         elif kind == "inherit":
             self.totals["inheritors"] += 1
+        elif kind == "reuse":
+            self.totals["descriptor reuses"] += 1
 
     # -- chaos -------------------------------------------------------------------
 
@@ -378,7 +381,7 @@ class Run:
                 verdict=verdict,
                 why=why,
             )
-            if miss is not None and len(self.tally.misses) <= MAX_PRINTED:
+            if miss is not None and len(self.tally.misses) <= MAX_MISSES_PRINTED:
                 print(miss, flush=True)
 
     def _forking_children(self, diagnoses: list[Any]) -> set[int]:
@@ -517,7 +520,12 @@ class Run:
                 f"spawn {t['started by spawn']}, fork {t['started by fork']} "
                 "(including the first generation)",
             ),
-            ("forks", f"{t['forks']} children forked while holding ({forks or 'none'})"),
+            (
+                "forks",
+                f"{t['forks']} children forked while holding ({forks or 'none'}); "
+                f"{t['descriptor reuses']} took a lock on a descriptor number that held "
+                "the parent's",
+            ),
             (
                 "pools",
                 f"{t['pools']} fork pools under a held lock ({t['pool processes']} pool "
@@ -562,7 +570,13 @@ class Run:
                 ", ".join(f"{why} {n}" for why, n in tally.windows.most_common()) or "none",
             )
         )
-        rows.append(("misses", str(len(tally.misses))))
+        unprinted = len(tally.misses) - MAX_MISSES_PRINTED
+        rows.append(
+            (
+                "misses",
+                f"{len(tally.misses)}" + (f" ({unprinted} not printed)" if unprinted > 0 else ""),
+            )
+        )
         rows.append(
             (
                 "violations",

@@ -91,6 +91,8 @@ class ChildError(Exception):
 _child: tuple[Actor, str, BaseException | None] | None = None
 #: In a fork pool worker: its actor.
 _pool_actor: Actor | None = None
+#: The descriptors that held the parent's locks when it forked (numbers a child may reuse).
+_parent_fds: set[int] = set()
 
 
 def die_with_parent(parent: int) -> None:
@@ -191,6 +193,8 @@ def fork_child(chain: Chain) -> None:
     # The "fork" sabotage keeps a duplicate of each held descriptor, which the
     # library does not know of, so the child can unlock the parent's lock: the
     # very effect of an inherited hold released by a child.
+    global _parent_fds  # noqa: PLW0603 - read by the child only
+    _parent_fds = {fd for t in chain.taken if (fd := _descriptor(t)) is not None}
     dups = []
     if sabotage == "fork":
         dups = [os.dup(fd) for t in chain.taken if (fd := _descriptor(t)) is not None]
@@ -373,6 +377,8 @@ def _own_locks(chain: Chain, me: Actor, rng: random.Random) -> None:
                 own.take([name], "w", attempt, lock.try_acquire, lock=lock, style=style)
             except (LockTimeout, LockBusy, LockCancelled):
                 break
+            if _descriptor(own.taken[-1]) in _parent_fds:
+                me.send("reuse", me.wid)  # this lock's descriptor has an inherited one's number
         action = rng.choice(("drop", "release", "keep"))
         if action == "drop":
             _drop_inherited(chain)

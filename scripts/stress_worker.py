@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -65,8 +66,25 @@ from grex_locks import (
     WorkspaceLock,
     acquire_all,
 )
-from grex_locks._core.gate import registry_size  # internals, for the end-of-operation checks
-from grex_locks._core.tiers import held_tiers
+from grex_locks._core.tiers import held_tiers  # internals, for the end-of-operation checks
+
+#: Where the library has kept its count of in-process gate entries, newest first.
+_GATE_COUNTERS = (
+    ("grex_locks._core.fair_queue", "queues_in_use"),
+    ("grex_locks._core.gate", "registry_size"),
+)
+
+
+def registry_size() -> int:
+    """How many in-process gate entries the library keeps (0 where it keeps no such count)."""
+    for module, name in _GATE_COUNTERS:
+        try:
+            count = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        return int(count())
+    return 0
+
 
 N_PACKS = 3
 N_BACKENDS = 2
