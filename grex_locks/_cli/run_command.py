@@ -15,9 +15,9 @@ import sys
 from types import FrameType
 
 
-def _terminal_sent_sigint() -> bool:
-    # A Ctrl-C at a terminal reaches the whole foreground process group, the
-    # command included; forwarding it too would deliver it twice.
+def _terminal_sent_it() -> bool:
+    # A Ctrl-C (or Ctrl-\) at a terminal reaches the whole foreground process
+    # group, the command included; forwarding it too would deliver it twice.
     for fd in (0, 1, 2):
         try:
             if os.isatty(fd):
@@ -27,13 +27,20 @@ def _terminal_sent_sigint() -> bool:
     return False
 
 
+#: Signals sent to ``grex-locks run`` that are passed on to its command.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: Signals a terminal sends to its whole foreground process group (the command too).
+_TERMINAL_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
+
+
 def run_holding(command: list[str], lock_fd: int) -> int:
     """Run ``command`` with ``lock_fd`` inherited; return its exit status as a shell would.
 
-    127 when the command is not found, 126 when it may not be run, 128+N when
-    it died of signal N. SIGINT and SIGTERM sent to this process are passed
-    on to the command (SIGINT only when a terminal did not already send it
-    to the whole foreground group).
+    127 when the command is not found, 126 when it cannot be executed (not
+    permitted, not an executable format, a directory), 128+N when it died of
+    signal N. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to this process are
+    passed on to the command (SIGINT and SIGQUIT only when a terminal did not
+    already send them to the whole foreground group).
     """
     child: subprocess.Popen[bytes] | None = None
     pending: list[int] = []
@@ -42,10 +49,10 @@ def run_holding(command: list[str], lock_fd: int) -> int:
         del frame
         if child is None:
             pending.append(signum)
-        elif not (signum == signal.SIGINT and _terminal_sent_sigint()):
+        elif not (signum in _TERMINAL_SIGNALS and _terminal_sent_it()):
             child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
         try:
             # pass_fds: the command inherits the descriptor that holds the
@@ -54,8 +61,9 @@ def run_holding(command: list[str], lock_fd: int) -> int:
         except FileNotFoundError:
             print(f"grex-locks: error: command not found: {command[0]}", file=sys.stderr)
             return 127
-        except PermissionError:
-            print(f"grex-locks: error: permission denied: {command[0]}", file=sys.stderr)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            print(f"grex-locks: error: cannot execute {command[0]}: {why}", file=sys.stderr)
             return 126
         for signum in pending:
             forward(signum, None)
