@@ -21,7 +21,8 @@ from test_diagnosis import Holders, holders_fixture, read_line  # noqa: F401 - t
 from grex_locks._cli.main import main
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import Diagnosis, Holder, HolderState
-from grex_locks._diagnostics.scan import WaitCycle, find_wait_cycles, prune_stale_record, scan
+from grex_locks._diagnostics.prune import prune_stale_record
+from grex_locks._diagnostics.scan import WaitCycle, find_wait_cycles, scan
 
 CLI = [sys.executable, "-m", "grex_locks"]
 
@@ -150,7 +151,7 @@ def test_scan_command_table_and_json(
     root.mkdir()
     locks = _tree(root)
     proc = holders.hold(locks["pack"])
-    status, out, err = cli(capsys, "scan", str(root))
+    status, out, err = cli(capsys, "scan", str(root), "--all")
     assert (status, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].split() == ["STATE", "PID", "AGE", "WAITING", "COMMAND", "LOCK"]
@@ -161,7 +162,16 @@ def test_scan_command_table_and_json(
     held = next(row for row in rows if row.startswith("HELD"))
     assert str(proc.pid) in held
     assert held.endswith("a/.grex-lock")
-    assert lines[-1].startswith(f"{len(locks)} locks under {root}")
+    assert lines[-1].startswith(f"{len(locks)} locks under {root}: 3 FREE, ")
+
+    # By default only what needs attention, and the counts.
+    status, out, err = cli(capsys, "scan", str(root))
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[1:-1]] == ["HELD", "STALE_RECORD"]
+    assert "1 HELD" in lines[-1]
+    assert "1 STALE_RECORD" in lines[-1]
+    assert "(3 free, not shown; --all lists every lock)" in lines[-1]
 
     status, data = cli_json(capsys, "scan", str(root))
     assert status == 0

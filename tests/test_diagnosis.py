@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import random
+import re
 import select
 import shutil
 import signal
@@ -162,7 +163,11 @@ def own_record(**changes: Any) -> dict[str, Any]:
 
 
 def check_words(d: Diagnosis) -> None:
-    """What every diagnosis must offer: JSON, pickling, one actionable paragraph."""
+    """What every diagnosis must offer: JSON, pickling, one actionable paragraph.
+
+    The paragraph never advises deleting a lock file: the only ``rm`` it may
+    suggest is of something at an owner record path.
+    """
     data = json.loads(json.dumps(d.to_dict(), allow_nan=False))
     assert data["state"] == d.state.name
     assert {"path", "state", "owner", "holders"} <= data.keys()
@@ -170,7 +175,9 @@ def check_words(d: Diagnosis) -> None:
     assert text
     assert "\n" not in text
     assert "delete" not in text.lower()
-    assert "rm " not in text
+    for removed in re.findall(r"`rm (\S+)`", text):
+        assert removed.endswith(".owner"), text
+    assert f"rm {d.path}`" not in text
     again = pickle.loads(pickle.dumps(d))  # noqa: S301 - our own bytes
     assert again.state is d.state
     assert again.holder_summary() == d.holder_summary()
@@ -226,7 +233,7 @@ def test_held_shared_without_record(lock: Path, holders: Holders) -> None:
     assert d.state is HolderState.HELD
     assert d.shared
     assert sorted(h.pid for h in d.holders) == sorted([first.pid, second.pid])
-    assert d.holder_summary().startswith("held shared by pid ")
+    assert d.holder_summary().startswith("held shared by 2 readers: pid ")
     check_words(d)
 
 

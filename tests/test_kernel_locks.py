@@ -174,6 +174,24 @@ def test_live_flock_is_matched_to_the_file(lock_fd: int, op: int, mode: str) -> 
 
 
 @needs_proc_locks
+@pytest.mark.parametrize(("op", "mode"), [(fcntl.LOCK_EX, "WRITE"), (fcntl.LOCK_SH, "READ")])
+def test_process_files_tell_how_a_process_holds_its_flock(
+    lock_fd: int, tmp_path: Path, op: int, mode: str
+) -> None:
+    """``lock_mode`` reads a holder's own fdinfo: how it holds the lock, without /proc/locks."""
+    files = ProcessFiles()
+    assert files.lock_mode(os.getpid(), _key(lock_fd)) is None
+    fcntl.flock(lock_fd, op)
+    assert ProcessFiles().lock_mode(os.getpid(), _key(lock_fd)) == mode
+    other = os.open(tmp_path / "other.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        assert ProcessFiles().lock_mode(os.getpid(), _key(other)) is None
+    finally:
+        os.close(other)
+    assert ProcessFiles().lock_mode(2**40, _key(lock_fd)) is None
+
+
+@needs_proc_locks
 def test_posix_locks_are_listed_but_are_not_flocks(lock_fd: int, tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f.lock", os.O_RDWR)
     try:

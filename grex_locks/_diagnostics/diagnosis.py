@@ -1,8 +1,8 @@
 """Who holds a lock, since when, and is it safe to wait: the kernel's truth, explained.
 
-The kernel decides whether a lock is held (:mod:`grex_locks.kernel_locks`);
-the owner record only explains it. :func:`diagnose` compares the two and
-names one :class:`HolderState`. It never takes a lock, never creates or
+The kernel decides whether a lock is held (:mod:`.kernel_lock_table`); the
+owner record only explains it. :func:`~.diagnose.diagnose` compares the two
+and names one :class:`HolderState`. It never takes a lock, never creates or
 changes a file, reads a record only if it is a regular file of at most
 64 KiB, and never raises on a garbage record or on any pid a record names.
 psutil is asked only about the processes that matter: the record's pid,
@@ -15,18 +15,27 @@ import enum
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from .lock_names import lock_kind
+
 #: No Linux pid exceeds 2**22 (``pid_max``'s ceiling); larger ones are garbage.
 _PID_MAX = 1 << 22
+#: psutil's names for a process that cannot run until it is continued.
+STOPPED_STATUSES = frozenset({psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP})
 
 
 class HolderState(enum.Enum):
-    """What a lock's holder is, judged from the kernel and explained by the record."""
+    """What a lock's holder is, judged from the kernel and explained by the record.
+
+    ``UNREADABLE``: the lock (or the directory it would be in) could not be
+    inspected — permission denied, or another error from the OS — so whether
+    it is held is unknown; it is never reported ``FREE``.
+    """
 
     FREE = "free"
     HELD = "held"
@@ -34,11 +43,16 @@ class HolderState(enum.Enum):
     ORPHANED = "orphaned"
     UNKNOWN_HOLDER = "unknown_holder"
     REMOTE = "remote"
+    UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
 class Holder:
-    """A live process that holds (or waits for) a lock, as psutil saw it."""
+    """A live process that holds (or waits for) a lock, as psutil saw it.
+
+    ``ppid`` is its parent's pid; ``parent`` the parent's command line, looked
+    up only for a stopped process (whoever stopped it is usually its parent).
+    """
 
     pid: int
     name: str
@@ -46,6 +60,8 @@ class Holder:
     status: str
     username: str
     create_time: float
+    ppid: int = 0
+    parent: str = ""
 
     @classmethod
     def of_pid(cls, pid: int) -> Holder | None:
@@ -58,22 +74,34 @@ class Holder:
                 status = _ask(proc.status, "unknown")
                 if status == psutil.STATUS_ZOMBIE:
                     return None  # a zombie has closed every descriptor: it holds nothing
-                return cls(
+                ppid = _ask(proc.ppid, 0)
+                holder = cls(
                     pid=pid,
                     name=_ask(proc.name, ""),
                     cmdline=_ask(proc.cmdline, []),
                     status=status,
                     username=_ask(proc.username, ""),
                     create_time=_ask(proc.create_time, 0.0),
+                    ppid=ppid,
                 )
         except psutil.NoSuchProcess:
             return None
         except (psutil.Error, OSError, ValueError, OverflowError):
             return cls(pid, "", [], "unknown", "", 0.0)
+        if status in STOPPED_STATUSES and ppid > 0:
+            parent = cls.of_pid(ppid)
+            if parent is not None:
+                return replace(holder, parent=parent.command())
+        return holder
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the process is stopped (SIGSTOP, job control, a tracer) and cannot run."""
+        return self.status in STOPPED_STATUSES
 
     def command(self) -> str:
         """The command line, short: program name first, as a person would type it."""
-        return _short_command(self.cmdline) or _clean(self.name)
+        return _short_command(self.cmdline) or clean(self.name)
 
 
 def _ask(call: Any, default: Any) -> Any:
@@ -83,7 +111,7 @@ def _ask(call: Any, default: Any) -> Any:
         return default
 
 
-def _clean(text: str, limit: int = 60) -> str:
+def clean(text: str, limit: int = 60) -> str:
     """``text`` fit for one line of a terminal: no control characters, at most ``limit`` long."""
     text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -92,7 +120,11 @@ def _clean(text: str, limit: int = 60) -> str:
 def _short_command(argv: object) -> str:
     if not isinstance(argv, list) or not argv:
         return ""
-    return _clean(" ".join([os.path.basename(str(argv[0])), *(str(word) for word in argv[1:])]))
+    return clean(" ".join([os.path.basename(str(argv[0])), *(str(word) for word in argv[1:])]))
+
+
+def _observer() -> tuple[int, int]:
+    return (os.getpid(), os.getppid())
 
 
 @dataclass(frozen=True)
@@ -104,6 +136,13 @@ class Diagnosis:
     ``lock_pids`` are the pids the kernel lists as having *taken* the lock
     (possibly dead). ``kernel_visible`` is ``False`` where the kernel's lock
     table cannot be read: the state is then judged from the record alone.
+
+    ``lock_file_type`` is set when something other than a regular file sits
+    at the lock path (``"directory"``, ``"symlink"``, ``"FIFO"``, ...): no
+    grex_locks acquire can use it. ``record_file_type`` likewise for the
+    record path. ``record_at`` is where the record was read when that is
+    not beside ``path`` (another hard-link name of the same lock file).
+    ``observer`` is ``(pid, parent pid)`` of the process that diagnosed.
     """
 
     path: Path
@@ -117,18 +156,36 @@ class Diagnosis:
     note: str = ""
     kernel_visible: bool = True
     diagnosed_at: float = field(default_factory=time.time)
+    lock_file_type: str = ""
+    record_file_type: str = ""
+    record_at: Path | None = None
+    observer: tuple[int, int] = field(default_factory=_observer)
+
+    @property
+    def kind(self) -> str:
+        """What kind of grex lock this is ("pack lock", "workspace sync lock", ...), or "lock"."""
+        return lock_kind(self.path, self.owner)
+
+    @property
+    def usable(self) -> bool:
+        """Whether an acquire can use this path at all (a regular file, or none yet)."""
+        return not self.lock_file_type and self.state is not HolderState.UNREADABLE
 
     def to_dict(self) -> dict[str, Any]:
         """The diagnosis as plain JSON values (``state`` by name)."""
         return {
             "path": str(self.path),
             "state": self.state.name,
+            "kind": self.kind,
             "owner": _plain(self.owner),
             "holders": [_plain(asdict(h)) for h in self.holders],
             "waiters": [_plain(asdict(w)) for w in self.waiters],
             "lock_pids": list(self.lock_pids),
             "shared": self.shared,
             "record_problem": self.record_problem,
+            "record_file_type": self.record_file_type,
+            "record_at": str(self.record_at) if self.record_at is not None else None,
+            "lock_file_type": self.lock_file_type,
             "note": self.note,
             "kernel_visible": self.kernel_visible,
             "summary": self.holder_summary(),
@@ -136,42 +193,76 @@ class Diagnosis:
 
     # -- words -----------------------------------------------------------------
 
-    def _recorded(self, key: str) -> Any:
+    def recorded(self, key: str) -> Any:
+        """The record's ``key``, cleaned for a terminal if it is a string; ``None`` if absent."""
         value = self.owner.get(key) if isinstance(self.owner, dict) else None
-        return _clean(value) if isinstance(value, str) else value
+        return clean(value) if isinstance(value, str) else value
 
-    def _who(self, pid: int) -> str:
-        holder = next((h for h in self.holders if h.pid == pid), None)
-        command = holder.command() if holder else _short_command(self._recorded("argv"))
-        return f"pid {pid} ({command})" if command else f"pid {pid}"
+    def holder(self, pid: int) -> Holder | None:
+        """The holder with ``pid``, if it is one."""
+        return next((h for h in self.holders if h.pid == pid), None)
+
+    def relation(self, pid: object) -> str:
+        """How ``pid`` relates to the process that diagnosed: ``"this process's own parent"``..."""
+        me, parent = self.observer
+        here = me == os.getpid()
+        if pid == parent:
+            return "this process's own parent" if here else f"the parent of pid {me}, which asked"
+        if pid == me:
+            return "this very process" if here else f"pid {me} itself, which asked"
+        return ""
+
+    def _who(self, pid: int, *, marks: bool = True) -> str:
+        holder = self.holder(pid)
+        command = holder.command() if holder else _short_command(self.recorded("argv"))
+        text = f"pid {pid} ({command})" if command else f"pid {pid}"
+        if marks:
+            if holder is not None and holder.stopped:
+                text += ", stopped"
+            relation = self.relation(pid)
+            if relation:
+                text += f" — {relation}"
+        return text
 
     def held_for(self) -> float | None:
         """Seconds since the record says the lock was taken, if it says so plausibly."""
-        started = finite_seconds(self._recorded("acquired_at"))
+        started = finite_seconds(self.recorded("acquired_at"))
         if started is not None and 0 <= self.diagnosed_at - started < 10 * 365 * 86400:
             return self.diagnosed_at - started
         return None
 
     def recorded_command(self) -> str:
         """The command line the record names, short; ``""`` if it names none."""
-        return _short_command(self._recorded("argv"))
+        return _short_command(self.recorded("argv"))
 
     def _since(self) -> str:
-        thread, age = self._recorded("thread"), self.held_for()
+        thread, age = self.recorded("thread"), self.held_for()
         text = f", thread {thread}" if isinstance(thread, str) and thread else ""
         return text if age is None else f"{text}, for {age:.1f} s"
+
+    def _held_exclusively(self, pid: int) -> str:
+        text = f"held by {self._who(pid, marks=False)}{self._since()}"
+        holder = self.holder(pid)
+        if holder is not None and holder.stopped:
+            text += f"; it is stopped (`kill -CONT {pid}` continues it)"
+        relation = self.relation(pid)
+        return f"{text} — {relation}" if relation else text
 
     def holder_summary(self) -> str:
         """Who holds the lock, in a clause for an error message; ``""`` when nothing is known."""
         pids = [h.pid for h in self.holders]
-        state, recorded = self.state, self._recorded("pid")
+        state, recorded = self.state, self.recorded("pid")
         if state is HolderState.HELD and self.shared:
-            who = ", ".join(self._who(p) for p in pids) or "processes that cannot be identified"
-            text = f"held shared by {who}"
+            count = len(pids) or len(self.lock_pids)
+            readers = f"{count} reader{'' if count == 1 else 's'}" if count else "readers"
+            who = ", ".join(self._who(p) for p in pids)
+            text = f"held shared by {readers}: {who}" if who else f"held shared by {readers}"
+            if not who:
+                text += " that cannot be identified"
         elif state is HolderState.HELD:
-            text = f"held by {self._who(pids[0] if pids else recorded)}{self._since()}"
+            text = self._held_exclusively(pids[0] if pids else recorded)
         elif state is HolderState.REMOTE:
-            host = self._recorded("hostname")
+            host = self.recorded("hostname")
             text = f"recorded as held by pid {recorded} on host {host}{self._since()}"
         elif state is HolderState.ORPHANED:
             who = ", ".join(self._who(p) for p in pids) or "a process that cannot be identified"
@@ -200,47 +291,9 @@ class Diagnosis:
 
     def explain(self) -> str:
         """One paragraph a person can act on: what holds the lock and what to do about it."""
-        pid, problem = self._recorded("pid"), self.record_problem
-        stale = (
-            f"is unreadable ({problem})" if problem else f"names pid {pid}, which does not hold it"
-        )
-        text = _ADVICE[self.state].format(
-            path=self.path,
-            summary=self.holder_summary(),
-            note=_paren(self.note) if self.kernel_visible else "",
-            stale=stale,
-            host=self._recorded("hostname"),
-        )
-        if self.waiters:
-            text += f" {self.waiting_line()}."
-        if not self.kernel_visible:
-            unknown = f"Whether the lock is held is unknown here{_paren(self.note)}"
-            text = f"{unknown}; judged from the owner record alone: {text}"
-        return text
+        from .explain import explain  # noqa: PLC0415 - the words live beside, not above, the data
 
-
-def _paren(text: str) -> str:
-    return f" ({text})" if text else ""
-
-
-_ADVICE = {
-    HolderState.FREE: "{path} is free{note}: no process holds it; an acquire succeeds at once.",
-    HolderState.STALE_RECORD: "{path} is free, but its owner record {stale}: it was left by a "
-    "holder that ended without releasing the lock (most likely killed). It is harmless: the "
-    "next holder replaces it, and `grex-locks doctor --prune` clears such records.",
-    HolderState.HELD: "{path} is {summary}. The holder is alive, so waiting is safe: the lock "
-    "is granted the moment it is released. If it seems stuck, look at what that process is "
-    "doing (its logs, or `py-spy dump --pid PID`).",
-    HolderState.ORPHANED: "{path} is {summary}{note}. The lock lives on in the processes that "
-    "inherited its descriptor and is released when they exit; stop them if they should not "
-    "be running.",
-    HolderState.UNKNOWN_HOLDER: "{path} is {summary}{note}: a tool outside grex_locks (such as "
-    "flock(1)) or a holder that has not recorded itself yet. Waiting is safe while it runs; "
-    "check what that process is doing.",
-    HolderState.REMOTE: "{path} is {summary}: the record names another host, so whether that "
-    "process still runs cannot be checked here. Check on {host} (`grex-locks who` there); "
-    "the record is never judged stale from here.",
-}
+        return explain(self)
 
 
 def finite_seconds(value: object) -> float | None:

@@ -217,6 +217,7 @@ class ProcessFiles:
         self._by_pid: dict[int, dict[FileKey, list[int]] | None] = {}
         self._walked_all = False
         self._fdinfo_locks = _fdinfo_lists_locks()
+        self._fdinfo: dict[tuple[int, int], tuple[bool | None, str]] = {}
 
     def files_of(self, pid: int) -> dict[FileKey, list[int]] | None:
         """The regular files ``pid`` has open, by identity; ``None`` if that cannot be seen."""
@@ -244,16 +245,34 @@ class ProcessFiles:
 
     def fd_locked(self, pid: int, fd: int) -> bool | None:
         """Whether descriptor ``fd`` of ``pid`` holds a granted flock; ``None`` if unknowable."""
+        return self._fd_flock(pid, fd)[0]
+
+    def _fd_flock(self, pid: int, fd: int) -> tuple[bool | None, str]:
+        """``(locked, mode)`` of descriptor ``fd`` of ``pid``, from its ``fdinfo`` (cached)."""
+        known = self._fdinfo.get((pid, fd))
+        if known is not None:
+            return known
         try:
             text = Path(f"{self._proc}/{pid}/fdinfo/{fd}").read_text("ascii", "replace")
         except OSError:
-            return None
+            return (None, "")
+        found: tuple[bool | None, str] = (False if self._fdinfo_locks else None, "")
         for line in text.splitlines():
             if line.startswith("lock:"):
                 lock = parse_line(line[len("lock:") :])
                 if lock is not None and lock.kind == "FLOCK" and not lock.waiting:
-                    return True
-        return False if self._fdinfo_locks else None
+                    found = (True, lock.mode)
+                    break
+        self._fdinfo[(pid, fd)] = found
+        return found
+
+    def lock_mode(self, pid: int, key: FileKey) -> str | None:
+        """``"READ"`` or ``"WRITE"``: how ``pid`` holds its flock on ``key``; ``None`` if unseen."""
+        modes = {self._fd_flock(pid, fd)[1] for fd in (self.files_of(pid) or {}).get(key, ())}
+        modes.discard("")
+        if not modes:
+            return None
+        return "WRITE" if "WRITE" in modes else modes.pop()
 
     def holds(self, pid: int, key: FileKey) -> bool | None:
         """Whether ``pid`` holds a flock on ``key``; ``None`` when the kernel cannot tell us."""

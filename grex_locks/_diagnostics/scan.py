@@ -8,9 +8,6 @@ thousand ``lstat`` calls and nothing more. It also looks for wait-for
 cycles among processes (A holds X and waits for Y while B holds Y and waits
 for X), which the tier order rules out for grex_locks alone but a foreign
 tool or a disabled tier check can still build.
-
-``prune_stale_record`` is the one function here that changes a file: the
-``doctor --prune`` command's careful removal of a dead holder's record.
 """
 
 from __future__ import annotations
@@ -23,21 +20,18 @@ from pathlib import Path
 
 from loguru import logger
 
-from grex_locks._core.owner_record import OWNER_SUFFIX, record_path
+from grex_locks._core.owner_record import OWNER_SUFFIX
 
-from .diagnose import Probe, judge
+from .diagnose import inspect
 from .diagnosis import Diagnosis, HolderState
+from .judge import Probe
 from .kernel_lock_table import KernelLockTable
-from .record_reader import RecordRead, RecordStatus, read_record
-
-#: File names that are grex locks wherever they appear.
-LOCK_FILE_NAMES = frozenset({".grex-lock", ".grex.sync.lock", ".grex.lock"})
-#: A ``BackendLock``'s file ends so, beside the checkout it guards.
-BACKEND_SUFFIX = ".grex-backend.lock"
-#: Never descended into: git's own metadata holds no grex lock and many files.
-SKIPPED_DIRS = frozenset({".git"})
+from .lock_names import LOCK_FILE_NAMES, is_lock_name
+from .record_reader import RecordRead, RecordStatus, os_problem
 
 _NO_RECORD = RecordRead(RecordStatus.MISSING)
+#: Never descended into: git's own metadata holds no grex lock and many files.
+SKIPPED_DIRS = frozenset({".git"})
 
 
 @dataclass(frozen=True)
@@ -60,7 +54,13 @@ class WaitCycle:
 
 
 class ScanResult(list[Diagnosis]):
-    """The diagnoses of a scan, sorted by path, with the wait-for cycles found among them."""
+    """The diagnoses of a scan, sorted by path, with the wait-for cycles found among them.
+
+    What could not be looked at (a directory that could not be listed, a
+    lock file that could not be examined) is in the list too, as an
+    ``UNREADABLE`` diagnosis naming the error and the path; :attr:`unreadable`
+    lists those.
+    """
 
     def __init__(
         self,
@@ -75,63 +75,120 @@ class ScanResult(list[Diagnosis]):
         self.cycles: list[WaitCycle] = cycles if cycles is not None else []
         self.kernel_visible = kernel_visible
 
+    @property
+    def unreadable(self) -> list[Diagnosis]:
+        """What the scan could not look at: the ``UNREADABLE`` diagnoses."""
+        return [d for d in self if d.state is HolderState.UNREADABLE]
 
-def is_lock_name(name: str) -> bool:
-    """Whether a file called ``name`` is a grex lock by its name alone."""
-    return name in LOCK_FILE_NAMES or (name.endswith(BACKEND_SUFFIX) and name != BACKEND_SUFFIX)
+
+@dataclass(frozen=True)
+class Found:
+    """One thing a directory listing turned up: a lock file, or what could not be looked at.
+
+    ``st`` is its ``lstat`` (``None`` if that failed with ``error``);
+    ``has_record`` whether the listing showed an owner record beside it
+    (``None``: not known); ``listing`` marks a directory that could not be
+    listed.
+    """
+
+    path: Path
+    st: os.stat_result | None = None
+    has_record: bool | None = None
+    error: OSError | None = None
+    listing: bool = False
 
 
-def find_lock_files(root: Path) -> Iterator[tuple[Path, os.stat_result, bool]]:
-    """Yield ``(path, lstat, has_record)`` for every grex lock file under ``root``.
+def locks_in(directory: Path) -> tuple[list[Found], list[tuple[Path, os.stat_result]]]:
+    """The grex lock files directly in ``directory``, and its subdirectories (to walk).
+
+    A lock file is one with a lock file's name (whatever sits there: a
+    directory or FIFO at a lock path is reported, not skipped) or a regular
+    file with an owner record beside it. A directory that cannot be listed
+    is reported (``listing``), along with any lock file found by its fixed
+    name in it (a directory may be searchable but not readable).
+    """
+    found: list[Found] = []
+    try:
+        with os.scandir(directory) as listing:
+            entries = list(listing)
+    except OSError as exc:
+        found.append(Found(directory, error=exc, listing=True))
+        for name in sorted(LOCK_FILE_NAMES):
+            try:
+                found.append(Found(directory / name, os.lstat(directory / name)))
+            except OSError:
+                continue
+        return found, []
+    names = {entry.name for entry in entries}
+    subdirs: list[tuple[Path, os.stat_result]] = []
+    for entry in entries:
+        name = entry.name
+        if name.endswith(OWNER_SUFFIX):
+            continue
+        named = is_lock_name(name)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if named or name + OWNER_SUFFIX in names:
+                found.append(Found(Path(entry.path), error=exc))
+            continue
+        if stat.S_ISDIR(st.st_mode) and name not in SKIPPED_DIRS:
+            subdirs.append((Path(entry.path), st))
+        has_record = name + OWNER_SUFFIX in names
+        if named or (stat.S_ISREG(st.st_mode) and has_record):
+            found.append(Found(Path(entry.path), st, has_record))
+    return found, subdirs
+
+
+def find_lock_files(root: Path) -> Iterator[Found]:
+    """Yield every grex lock file under ``root`` (see :func:`locks_in`), and what could not be read.
 
     Symlinked directories are never followed, and a directory reached twice
     (a bind mount looping back) is walked once.
     """
-    pending = [str(root)]
+    pending = [root]
     seen: set[tuple[int, int]] = set()
     while pending:
-        directory = pending.pop()
-        try:
-            with os.scandir(directory) as listing:
-                entries = list(listing)
-        except OSError:
-            continue
-        names = {entry.name for entry in entries}
-        for entry in entries:
-            name = entry.name
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if name not in SKIPPED_DIRS and (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    pending.append(entry.path)
-                continue
-            if not stat.S_ISREG(st.st_mode) or name.endswith(OWNER_SUFFIX):
-                continue
-            has_record = name + OWNER_SUFFIX in names
-            if has_record or is_lock_name(name):
-                yield Path(entry.path), st, has_record
+        found, subdirs = locks_in(pending.pop())
+        yield from found
+        for directory, st in subdirs:
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                pending.append(directory)
+
+
+def diagnose_found(found: Found, probe: Probe) -> Diagnosis:
+    """The diagnosis of one thing :func:`locks_in` found."""
+    if found.error is not None:
+        what = "cannot list directory" if found.listing else "cannot look at"
+        return probe.unreadable(found.path, f"{what} {found.path}: {os_problem(found.error)}")
+    record = _NO_RECORD if found.has_record is False else None
+    return inspect(found.path, probe, found.st, record=record)
 
 
 def scan(root: str | os.PathLike[str], *, table: KernelLockTable | None = None) -> ScanResult:
     """Diagnose every grex lock under ``root``; never takes a lock or changes a file.
 
     Returns a :class:`ScanResult` (a list of :class:`Diagnosis`, sorted by
-    path) whose ``cycles`` lists any wait-for cycles among the processes.
-    Raises ``FileNotFoundError`` / ``NotADirectoryError`` for a bad ``root``.
+    path) whose ``cycles`` lists any wait-for cycles among the processes;
+    directories and files that could not be read are in it as
+    ``UNREADABLE``. Raises ``FileNotFoundError`` / ``NotADirectoryError`` for
+    a bad ``root``.
     """
     base = Path(root).absolute()
-    if not base.is_dir():
-        if not base.exists():
-            raise FileNotFoundError(f"no such directory: {base}")
-        raise NotADirectoryError(f"not a directory: {base}")
     probe = Probe(table)
-    diagnoses = [
-        judge(path, (st.st_dev, st.st_ino), read_record(path) if has_record else _NO_RECORD, probe)
-        for path, st, has_record in find_lock_files(base)
-    ]
+    try:
+        st = os.stat(base)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such directory: {base}") from None
+    except OSError as exc:
+        found = [diagnose_found(Found(base, error=exc), probe)]
+        return ScanResult(found, root=base, kernel_visible=probe.table.available)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"not a directory: {base}")
+    diagnoses = [diagnose_found(found, probe) for found in find_lock_files(base)]
     diagnoses.sort(key=lambda d: str(d.path))
     cycles = find_wait_cycles(diagnoses)
     logger.debug("scanned {}: {} locks, {} wait-for cycles", base, len(diagnoses), len(cycles))
@@ -185,57 +242,3 @@ def find_wait_cycles(diagnoses: Iterable[Diagnosis]) -> list[WaitCycle]:
                 path.append(following)
                 stack.append((following, iter(sorted(edges.get(following, {})))))
     return cycles
-
-
-@dataclass(frozen=True)
-class PruneOutcome:
-    """What ``prune_stale_record`` did with one record, and why."""
-
-    record: Path
-    removed: bool
-    reason: str
-
-
-def prune_stale_record(diagnosis: Diagnosis) -> PruneOutcome:  # noqa: PLR0911 - one per refusal
-    """Remove the owner record of a lock only if the kernel shows that lock free right now.
-
-    The check is redone here, immediately before the removal: the lock file's
-    current identity against a fresh read of the kernel's table, and the
-    record's identity before and after that read, so a record a new holder
-    wrote meanwhile (always a new file, renamed into place) is left alone.
-    Only a regular file is removed; a symlink or FIFO at the record path is
-    reported and kept. Nothing is ever followed through a symlink.
-    """
-    record = record_path(diagnosis.path)
-    try:
-        before = os.lstat(record)
-        lock = os.stat(diagnosis.path)
-    except OSError as exc:
-        return PruneOutcome(record, False, f"cannot inspect: {exc.strerror or exc}")
-    if not stat.S_ISREG(before.st_mode):
-        return PruneOutcome(record, False, "not a regular file; left alone")
-    table = KernelLockTable.read()
-    if not table.available:
-        return PruneOutcome(record, False, f"cannot verify the lock is free: {table.reason}")
-    key = (lock.st_dev, lock.st_ino)
-    if table.holders(key, kind=None) or table.waiters(key, kind=None):
-        return PruneOutcome(record, False, "its lock is held now")
-    try:
-        after = os.lstat(record)
-        if (after.st_dev, after.st_ino, after.st_mtime_ns, after.st_size) != (
-            before.st_dev,
-            before.st_ino,
-            before.st_mtime_ns,
-            before.st_size,
-        ):
-            return PruneOutcome(record, False, "it changed while being checked")
-        os.unlink(record)
-    except OSError as exc:
-        return PruneOutcome(record, False, f"cannot remove: {exc.strerror or exc}")
-    logger.info("removed stale owner record {}", record)
-    return PruneOutcome(record, True, "its lock was free")
-
-
-def stale_records(diagnoses: Iterable[Diagnosis]) -> list[Diagnosis]:
-    """The diagnoses whose lock is free but whose record was left behind."""
-    return [d for d in diagnoses if d.state is HolderState.STALE_RECORD]

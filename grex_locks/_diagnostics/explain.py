@@ -1,0 +1,250 @@
+"""A diagnosis in one paragraph a person can act on.
+
+Every sentence here says what grex_locks itself will do next — what an
+acquire does, what ``grex-locks doctor --prune`` does — so each is tested
+against that action. Nothing here advises deleting a lock file: only a
+thing that is *not* a lock file (a directory or FIFO planted at a lock path,
+a symlink or directory at a record path) is ever named for removal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grex_locks._core.owner_record import record_path
+
+from .diagnosis import Diagnosis, Holder, HolderState
+from .lock_names import WORKSPACE_SYNC
+
+
+def explain(d: Diagnosis) -> str:
+    """The paragraph :meth:`Diagnosis.explain` returns."""
+    if d.state is HolderState.UNREADABLE:
+        return _unreadable(d)
+    if d.lock_file_type and d.state in (HolderState.FREE, HolderState.STALE_RECORD):
+        sentences = [_unusable(d)]
+    else:
+        sentences = [_STATES[d.state](d)]
+        if d.lock_file_type:
+            sentences.append(_unusable(d, held=True))
+    sentences += [_stopped(h, d) for h in d.holders if h.stopped]
+    sentences.append(_parent(d))
+    if d.record_at is not None:
+        sentences.append(
+            f"Its owner record was found beside another name of the same file (a hard "
+            f"link): {d.record_at}."
+        )
+    if d.waiters:
+        sentences.append(f"{d.waiting_line()}.")
+    text = " ".join(s for s in sentences if s)
+    if not d.kernel_visible:
+        unknown = f"Whether the lock is held is unknown here{_paren(d.note)}"
+        text = f"{unknown}; judged from the owner record alone: {text}"
+    return text
+
+
+def _paren(text: str) -> str:
+    return f" ({text})" if text else ""
+
+
+def _note(d: Diagnosis) -> str:
+    return _paren(d.note) if d.kernel_visible else ""
+
+
+def _record(d: Diagnosis) -> Path:
+    return record_path(d.path)
+
+
+# -- the lock path itself ---------------------------------------------------------
+
+
+def _unreadable(d: Diagnosis) -> str:
+    return (
+        f"{d.path} cannot be inspected from here: {d.note or 'the system refused'}. Whether "
+        "a lock there is held is unknown, so it is not reported free. Run this as a user "
+        "who may read that directory (its owner, or root), or fix its permissions."
+    )
+
+
+def _move_aside(path: Path, file_type: str) -> str:
+    move = f"move it aside (`mv {path} {path}.moved`)"
+    if file_type == "directory":
+        return f"if that directory is empty, `rmdir {path}`; otherwise {move}"
+    return move
+
+
+def _unusable(d: Diagnosis, *, held: bool = False) -> str:
+    kind, path = d.lock_file_type, d.path
+    if kind == "symlink":
+        target = d.note or "elsewhere"
+        what = (
+            f"it is a symlink ({target}), and lock files are never followed through a "
+            f"symlink, so every acquire of {path} raises LockIOError. If you meant the lock "
+            f"it points to, diagnose that path instead, or {_move_aside(path, kind)}"
+        )
+    else:
+        what = (
+            f"a {kind} sits at its path, so every acquire of {path} raises LockIOError until "
+            f"it is gone: {_move_aside(path, kind)}, and the next acquire creates the lock file"
+        )
+    if held:
+        return f"Even once it is free, grex_locks cannot use {path}: {what}."
+    nobody = "No process holds it; " if d.state is HolderState.FREE else ""
+    return f"{path} is not usable as a lock file. {nobody}{what[0].upper()}{what[1:]}."
+
+
+# -- the states -------------------------------------------------------------------------
+
+
+def _free(d: Diagnosis) -> str:
+    return f"{d.path} is free{_note(d)}: no process holds it; an acquire succeeds at once."
+
+
+def _stale(d: Diagnosis) -> str:
+    record, kind = _record(d), d.record_file_type
+    if kind == "directory":
+        return (
+            f"{d.path} is free, but its owner record path {record} is a directory, not a "
+            "record: an acquire still takes the lock, but its holder cannot record itself "
+            "there, so diagnostics will show it as an unknown holder. `grex-locks doctor "
+            "--prune` leaves it alone (it removes only regular-file records): remove it "
+            f"with `rmdir {record}` (once it is empty)."
+        )
+    if kind:
+        unlink = f"`rm {record}` removes the {kind} itself" + (
+            ", not what it points to" if kind == "symlink" else ""
+        )
+        return (
+            f"{d.path} is free, but a {kind} sits at its owner record path {record}, not a "
+            "record. It is harmless: the next holder replaces it with its own record, never "
+            "writing through it. `grex-locks doctor --prune` leaves it alone (it removes "
+            f"only regular-file records); to clear it now, {unlink}."
+        )
+    pid, problem = d.recorded("pid"), d.record_problem
+    stale = f"is unreadable ({problem})" if problem else f"names pid {pid}, which does not hold it"
+    return (
+        f"{d.path} is free, but its owner record {stale}: it was left by a holder that "
+        "ended without releasing the lock (most likely killed), or written by a tool "
+        "outside grex_locks. It is harmless: the next holder replaces it, and "
+        "`grex-locks doctor --prune` removes such records."
+    )
+
+
+def _held(d: Diagnosis) -> str:
+    text = f"{d.path} is {d.holder_summary()}."
+    pids = [h.pid for h in d.holders] or [d.recorded("pid")]
+    stopped = any(h.stopped for h in d.holders)
+    if d.shared:
+        return (
+            f"{text} Readers write no owner record. A writer (or any exclusive acquire) "
+            "waits until every reader has let go, and is granted the lock the moment the "
+            "last one does."
+        )
+    if d.kind == WORKSPACE_SYNC:
+        return (
+            f"{text} A workspace sync lock never waits: while pid {pids[0]} runs this sync, a "
+            "second sync on the same workspace fails at once (WorkspaceBusy) instead of "
+            f"queueing. Let the first finish (or stop pid {pids[0]} if it should not be "
+            "running), then start yours."
+        )
+    if stopped:
+        return text  # the stopped-holder sentence says what a wait does
+    return (
+        f"{text} The holder is alive, so waiting is safe: the lock is granted the moment it "
+        "is released. If it seems stuck, look at what that process is doing (its logs, or "
+        f"`py-spy dump --pid {pids[0]}`)."
+    )
+
+
+def _orphaned(d: Diagnosis) -> str:
+    return (
+        f"{d.path} is {d.holder_summary()}{_note(d)}. The lock lives on in the processes "
+        "that inherited its descriptor and is released when they exit; stop them if they "
+        "should not be running."
+    )
+
+
+def _unknown(d: Diagnosis) -> str:
+    record, kind = _record(d), d.record_file_type
+    start = f"{d.path} is {d.holder_summary()}"
+    if kind == "directory":
+        return (
+            f"{start}: its owner record path {record} is a directory, so holders cannot "
+            "record themselves (an acquire still takes the lock, without a record). Remove "
+            f"it with `rmdir {record}` once it is empty; `grex-locks doctor --prune` leaves "
+            "it alone. Waiting is safe while the holder runs."
+        )
+    if kind:
+        return (
+            f"{start}: a {kind} sits at its owner record path {record}, not a record. A "
+            "grex_locks holder replaces it with its own record, so this holder is a tool "
+            f"outside grex_locks (such as flock(1)) or could not write in {record.parent}. "
+            "Waiting is safe while it runs; check what that process is doing."
+        )
+    return (
+        f"{start}{_note(d)}: a tool outside grex_locks (such as flock(1)), or a holder that "
+        "has not recorded itself yet or could not (see the log of the program that took "
+        "it). Waiting is safe while it runs; check what that process is doing."
+    )
+
+
+def _remote(d: Diagnosis) -> str:
+    return (
+        f"{d.path} is {d.holder_summary()}: the record names another host, so whether that "
+        f"process still runs cannot be checked here. Check on {d.recorded('hostname')} "
+        "(`grex-locks who` there); the record is never judged stale from here."
+    )
+
+
+_STATES = {
+    HolderState.FREE: _free,
+    HolderState.STALE_RECORD: _stale,
+    HolderState.HELD: _held,
+    HolderState.ORPHANED: _orphaned,
+    HolderState.UNKNOWN_HOLDER: _unknown,
+    HolderState.REMOTE: _remote,
+}
+
+
+# -- who the holders are ----------------------------------------------------------------
+
+
+def _stopped(holder: Holder, d: Diagnosis) -> str:
+    pid = holder.pid
+    if holder.status == "tracing-stop":
+        how = "it is stopped under a debugger or tracer (continue it there)"
+    else:
+        how = "it was sent SIGSTOP, or suspended with Ctrl-Z in its shell"
+    effect = (
+        "the workspace stays busy until then"
+        if d.kind == WORKSPACE_SYNC
+        else "a wait for the lock lasts until then"
+    )
+    text = (
+        f"The holder, pid {pid}, is stopped ({how}): it cannot release the lock until it is "
+        f"continued, so {effect} (or until it ends). `kill -CONT {pid}` continues it."
+    )
+    if holder.ppid > 0:
+        parent = f"pid {holder.ppid}" + (f" ({holder.parent})" if holder.parent else "")
+        text += (
+            f" Whoever stopped it is usually its parent, {parent}, or the shell it runs in "
+            f"(`jobs` and `fg` there); `ps -o pid,ppid,stat,cmd -p {pid},{holder.ppid}` shows "
+            "both."
+        )
+    return text
+
+
+def _parent(d: Diagnosis) -> str:
+    parent = d.observer[1]
+    pids = {h.pid for h in d.holders}
+    recorded = d.recorded("pid")
+    if d.state is HolderState.HELD and isinstance(recorded, int):
+        pids.add(recorded)
+    if parent not in pids or d.state not in (HolderState.HELD, HolderState.ORPHANED):
+        return ""
+    return (
+        f"Pid {parent} is {d.relation(parent)}: if it waits for its child to finish, as "
+        "`grex-locks run` waits for its command, a wait for the lock in the child never "
+        "ends. A command run under `grex-locks run PACK` already runs under PACK's lock (it "
+        "inherited it) and need not take it again."
+    )

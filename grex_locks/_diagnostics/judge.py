@@ -1,0 +1,267 @@
+"""Judging one lock: the kernel's lock table, checked against the owner record.
+
+:func:`judge` is what ``diagnose``, ``scan`` and the errors an acquire
+raises share, given a :class:`Probe` that caches what one inspection learns
+(the kernel table, open files, processes), so a scan over ten thousand locks
+reads the kernel table once and asks about each process once. One row of the
+state table in ``API.md`` is one return of :func:`_verdict`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grex_locks._core.lock_file import FileKey
+from grex_locks._core.owner_record import OWNER_SUFFIX, record_path
+
+from .diagnosis import Diagnosis, Holder, HolderState, finite_seconds
+from .kernel_lock_table import KernelLockTable, ProcessFiles
+from .record_reader import RecordRead, RecordStatus, read_record_at
+
+#: psutil derives start times from the boot time, which the kernel may report a
+#: second apart between readers; a reused pid starts much later than that.
+_START_TIME_SLACK = 1.0
+#: A held lock file with more than one name has its record beside the name its
+#: holder used; at most this many directory entries are looked at to find it.
+_OTHER_NAMES_SCAN_LIMIT = 4096
+#: The lock mode of a table that knows only "held" (``diagnose.diagnose_busy``'s).
+MODE_UNKNOWN = "UNKNOWN"
+
+
+class Probe:
+    """What one inspection knows: the kernel table, open files, and processes seen so far.
+
+    A scan shares one probe over all its locks, so the kernel table is read
+    once and each process is asked about once.
+    """
+
+    def __init__(self, table: KernelLockTable | None = None) -> None:
+        self.table = table if table is not None else KernelLockTable.read()
+        self.files = ProcessFiles()
+        self.hostname = socket.gethostname()
+        self.now = time.time()
+        self._holders: dict[int, Holder | None] = {}
+
+    def holder(self, pid: int) -> Holder | None:
+        """``pid`` described by psutil (cached); ``None`` if it is not a live process."""
+        if pid not in self._holders:
+            self._holders[pid] = Holder.of_pid(pid)
+        return self._holders[pid]
+
+    def holders(self, pids: list[int]) -> list[Holder]:
+        """The live processes among ``pids``, in order, each once."""
+        found = (self.holder(pid) for pid in dict.fromkeys(pids))
+        return [h for h in found if h is not None]
+
+    def identity(self, pid: int, create_time: float) -> str:
+        """``"alive"`` if ``pid`` is the process started at ``create_time``; else gone/reused."""
+        holder = self.holder(pid)
+        if holder is None:
+            return "gone"
+        recorded = finite_seconds(create_time)
+        if holder.create_time and (
+            recorded is None or abs(holder.create_time - recorded) > _START_TIME_SLACK
+        ):
+            return "reused"
+        return "alive"
+
+    def readers(self, key: FileKey, waiter_pids: list[int]) -> list[int]:
+        """The holders of ``key`` if each holds it shared (says its ``fdinfo``); else ``[]``."""
+        pids = self.files.holders(key, [], waiter_pids)
+        modes = [self.files.lock_mode(pid, key) for pid in pids]
+        return pids if pids and all(mode == "READ" for mode in modes) else []
+
+    def unreadable(self, path: Path, why: str) -> Diagnosis:
+        """The diagnosis of a lock (or directory) the system would not let us look at."""
+        return Diagnosis(
+            path=path,
+            state=HolderState.UNREADABLE,
+            note=why,
+            kernel_visible=self.table.available,
+            diagnosed_at=self.now,
+        )
+
+
+@dataclass
+class _Verdict:
+    state: HolderState
+    note: str = ""
+    shared: bool = False
+    #: The holders when already known; ``None`` means "find them" (if held).
+    holder_pids: list[int] | None = None
+
+
+def _verdict_unseen(record: RecordRead, probe: Probe) -> _Verdict:
+    """Without the kernel's table, judge from the record alone (and say so)."""
+    owner, note = record.owner, probe.table.reason
+    if record.status is not RecordStatus.VALID or owner is None:
+        no_record = record.status in (RecordStatus.MISSING, RecordStatus.EMPTY)
+        return _Verdict(
+            HolderState.FREE if no_record else HolderState.STALE_RECORD, note, False, []
+        )
+    if probe.identity(owner["pid"], owner["create_time"]) == "alive":
+        return _Verdict(HolderState.HELD, note, False, [owner["pid"]])
+    return _Verdict(HolderState.STALE_RECORD, note, False, [])
+
+
+def _verdict_exclusive(
+    owner: dict[str, Any], key: FileKey, taker_pids: list[int], probe: Probe
+) -> _Verdict:
+    """Held exclusively with a valid record: does the recorded process hold it?"""
+    pid: int = owner["pid"]
+    identity = probe.identity(pid, owner["create_time"])
+    if identity == "alive":
+        holds = probe.files.holds(pid, key)
+        if holds or (holds is None and pid in taker_pids):
+            return _Verdict(HolderState.HELD, holder_pids=[pid])
+    # The kernel names the pid that took the lock: if that is the recorded
+    # (now dead) process, whoever holds it inherited the descriptor.
+    took_it = pid in taker_pids or not any(p > 0 for p in taker_pids)
+    if identity != "alive" and took_it:
+        gone = "now belongs to another process" if identity == "reused" else "has exited"
+        return _Verdict(HolderState.ORPHANED, f"pid {pid} {gone}")
+    return _Verdict(HolderState.UNKNOWN_HOLDER)
+
+
+def _holds_per_fdinfo(owner: dict[str, Any], key: FileKey, probe: Probe) -> bool:
+    """Whether the live process a record names holds the lock, by its own fdinfo.
+
+    The kernel renders ``/proc/locks`` a page per read and resumes by
+    position, so while the table changes a line can be skipped: a lock held
+    all along can be missing from it. Before calling a lock with a valid
+    record free, ask the recorded process's ``/proc/<pid>/fdinfo``, which is
+    exact (and cheap: one process).
+    """
+    pid: int = owner["pid"]
+    return probe.identity(pid, owner["create_time"]) == "alive" and bool(
+        probe.files.holds(pid, key)
+    )
+
+
+def _verdict(  # noqa: PLR0911 - one return per row of the state table
+    record: RecordRead, key: FileKey, held: bool, probe: Probe
+) -> _Verdict:
+    owner = record.owner if record.status is RecordStatus.VALID else None
+    no_record = record.status in (RecordStatus.MISSING, RecordStatus.EMPTY)
+    hostname = owner.get("hostname") if owner is not None else None
+    if isinstance(hostname, str) and hostname != probe.hostname:
+        return _Verdict(HolderState.REMOTE, f"recorded on host {hostname}")
+    if not probe.table.available:
+        return _verdict_unseen(record, probe)
+    if not held:
+        if owner is not None and _holds_per_fdinfo(owner, key, probe):
+            return _Verdict(HolderState.HELD, holder_pids=[owner["pid"]])
+        return _Verdict(HolderState.FREE if no_record else HolderState.STALE_RECORD)
+    granted = probe.table.holders(key)
+    taker_pids = [lock.pid for lock in granted]
+    modes = {lock.mode for lock in granted}
+    if granted and modes == {"READ"}:
+        return _Verdict(HolderState.HELD, shared=True)
+    if MODE_UNKNOWN in modes:
+        # Only "held" is known: a live recorded holder is the cheap answer;
+        # else the holders' own fdinfo tells readers (who write no record).
+        if owner is not None:
+            verdict = _verdict_exclusive(owner, key, taker_pids, probe)
+            if verdict.state is HolderState.HELD:
+                return verdict
+        readers = probe.readers(key, [lock.pid for lock in probe.table.waiters(key)])
+        if readers:
+            return _Verdict(HolderState.HELD, shared=True, holder_pids=readers)
+    if owner is None:
+        why = "" if no_record else f"the owner record is unreadable: {record.problem}"
+        return _Verdict(HolderState.UNKNOWN_HOLDER, why)
+    return _verdict_exclusive(owner, key, taker_pids, probe)
+
+
+def _record_of_another_name(path: Path, key: FileKey) -> tuple[RecordRead, Path] | None:
+    """A valid record beside another name (hard link) of the lock file ``key`` in its directory.
+
+    Holders write ``<the name they used>.owner``. Only ``path``'s own
+    directory is searched, and at most :data:`_OTHER_NAMES_SCAN_LIMIT` of its
+    entries: a name in another directory is not found (finding it would
+    mean walking the whole file system).
+    """
+    own = path.name + OWNER_SUFFIX
+    try:
+        with os.scandir(path.parent) as listing:
+            for count, entry in enumerate(listing):
+                if count >= _OTHER_NAMES_SCAN_LIMIT:
+                    break
+                name = entry.name
+                if not name.endswith(OWNER_SUFFIX) or name == own:
+                    continue
+                other = path.parent / name[: -len(OWNER_SUFFIX)]
+                try:
+                    st = os.lstat(other)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == key:
+                    read = read_record_at(record_path(other))
+                    if read.status is RecordStatus.VALID:
+                        return read, record_path(other)
+    except OSError:
+        return None
+    return None
+
+
+def judge(
+    path: Path,
+    key: FileKey | None,
+    record: RecordRead,
+    probe: Probe,
+    *,
+    links: int = 1,
+    lock_file_type: str = "",
+    note: str = "",
+) -> Diagnosis:
+    """Diagnose the lock file ``path`` (identity ``key``, ``None`` if absent) given its record.
+
+    ``links`` is the lock file's link count: with more than one name, a
+    record is also looked for beside its other names. ``lock_file_type`` says
+    what sits at ``path`` if it is not a regular file.
+    """
+    base: dict[str, Any] = {
+        "path": path,
+        "kernel_visible": probe.table.available,
+        "diagnosed_at": probe.now,
+        "lock_file_type": lock_file_type,
+    }
+    if key is None:
+        return Diagnosis(
+            state=HolderState.FREE, note=note or "the lock file does not exist", **base
+        )
+    if record.status is RecordStatus.MISSING and probe.table.available and key not in probe.table:
+        return Diagnosis(state=HolderState.FREE, note=note, **base)  # the common case, cheap
+    waiter_pids = [lock.pid for lock in probe.table.waiters(key)]
+    taker_pids = [lock.pid for lock in probe.table.holders(key)]
+    held = bool(taker_pids or waiter_pids)
+    verdict = _verdict(record, key, held, probe)
+    record_at = None
+    if held and links > 1 and verdict.state in (HolderState.UNKNOWN_HOLDER, HolderState.ORPHANED):
+        found = _record_of_another_name(path, key)
+        if found is not None:
+            again = _verdict(found[0], key, held, probe)
+            if again.state is HolderState.HELD:
+                (record, record_at), verdict = found, again
+    pids = verdict.holder_pids
+    if pids is None:
+        pids = probe.files.holders(key, taker_pids, waiter_pids) if held else []
+    return Diagnosis(
+        state=verdict.state,
+        owner=record.owner,
+        record_problem=record.problem,
+        record_file_type=record.file_type,
+        record_at=record_at,
+        holders=probe.holders(pids),
+        waiters=probe.holders(waiter_pids),
+        lock_pids=tuple(dict.fromkeys(taker_pids)),
+        shared=verdict.shared,
+        note="; ".join(n for n in (note, verdict.note) if n),
+        **base,
+    )
