@@ -36,7 +36,7 @@ from grex_locks import (
     WorkspaceBusy,
     WorkspaceLock,
 )
-from grex_locks._core import gate, tiers
+from grex_locks._core import fair_queue, tiers
 
 #: The bound on every handshake with a thread or child process. Generous on
 #: purpose: it only decides how long a broken test takes to fail.
@@ -146,13 +146,11 @@ def _nothing_left_behind() -> Iterator[None]:
     mode = tiers.tier_check_mode()
     yield
     grex_locks.set_tier_check(mode)
-    registered = gate.registry_size()
+    registered = fair_queue.queues_in_use()
     held = tiers.held_tiers()
-    if registered:
-        gate.reset_after_fork()
     if held:
         tiers.reset_after_fork()
-    assert registered == 0, f"{registered} gate registry entries left behind"
+    assert registered == 0, f"{registered} lock queues still in use after the test"
     assert held == (), f"tiers still held after the test: {held}"
 
 

@@ -34,7 +34,7 @@ from grex_locks import (
     WorkspaceLock,
     acquire_all,
 )
-from grex_locks._core import gate, tiers
+from grex_locks._core import fair_queue, tiers
 
 #: The bound on every handshake with a thread or a child process. Generous on
 #: purpose: it only decides how long a broken test takes to fail.
@@ -49,7 +49,7 @@ MpBarrier = multiprocessing.synchronize.Barrier
 
 def assert_clean() -> None:
     """This thread holds no tier and the gate registry is empty."""
-    assert gate.registry_size() == 0, f"{gate.registry_size()} gate entries left behind"
+    assert fair_queue.queues_in_use() == 0, f"{fair_queue.queues_in_use()} gate entries left behind"
     assert tiers.held_tiers() == (), f"tiers left held: {tiers.held_tiers()}"
 
 

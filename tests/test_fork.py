@@ -23,7 +23,7 @@ from conftest import DEADLINE, HOLD_BACKSTOP, START_METHODS, try_in_child
 
 import grex_locks
 from grex_locks import LockBusy, PackLock
-from grex_locks._core import gate, tiers
+from grex_locks._core import fair_queue, tiers
 
 
 class Channel:
@@ -118,7 +118,9 @@ def test_child_forked_while_held_does_not_hold_and_cannot_release(pack: Path) ->
     test_end, child_end = channel_pair()
 
     def child() -> None:
-        child_end.send(f"{lock.held} {idle.held} {gate.registry_size()} {tiers.held_tiers()!r}")
+        child_end.send(
+            f"{lock.held} {idle.held} {fair_queue.queues_in_use()} {tiers.held_tiers()!r}"
+        )
         child_end.send(f"{_try(lock)} {_try(idle)}")
         try:
             lock.release()

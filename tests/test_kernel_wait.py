@@ -11,7 +11,7 @@ import pytest
 
 from grex_locks import LockCancelled, LockTimeout, PackLock
 from grex_locks._core import kernel_wait
-from grex_locks._core.gate import registry_size
+from grex_locks._core.fair_queue import queues_in_use as registry_size
 
 DEADLINE = 10.0
 _HOLD = (

@@ -54,7 +54,7 @@ from grex_locks import (
     TierViolation,
     WorkspaceLock,
 )
-from grex_locks._core import gate, tiers
+from grex_locks._core import fair_queue, tiers
 from grex_locks._core import lock_file as lockfile
 
 #: What "promptly" means in an assertion: a bound that only a hang misses.
@@ -250,7 +250,7 @@ def test_blocked_waiter_gets_the_lock_when_its_holder_is_sigkilled(pack: Path) -
 
 def _assert_nothing_held_here(lock: PackLock) -> None:
     assert not lock.held
-    assert gate.registry_size() == 0
+    assert fair_queue.queues_in_use() == 0
     assert tiers.held_tiers() == ()
 
 
@@ -384,7 +384,9 @@ def _interrupted_waiter(
     except KeyboardInterrupt as exc:
         frames = traceback.extract_tb(exc.__traceback__)
         inside = any("grex_locks" in frame.filename for frame in frames)
-        conn.send(("interrupted", inside, lock.held, gate.registry_size(), tiers.held_tiers()))
+        conn.send(
+            ("interrupted", inside, lock.held, fair_queue.queues_in_use(), tiers.held_tiers())
+        )
     else:
         lock.release()
         conn.send(("acquired",))
@@ -473,7 +475,7 @@ def _interrupt_storm(
             name
             for name, leaked in (
                 ("held", lock.held),
-                ("gate registry entry", gate.registry_size() != 0),
+                ("gate registry entry", fair_queue.queues_in_use() != 0),
                 ("tier", tiers.held_tiers() != ()),
             )
             if leaked
@@ -482,7 +484,6 @@ def _interrupt_storm(
             leaks.append((i, problems, trace))
             if not plan.keep_going:
                 break
-            gate.reset_after_fork()
             tiers.reset_after_fork()
     conn.send((interrupted, leaks[:1], len(leaks)))
     assert conn.poll(HOLD_BACKSTOP)
@@ -626,7 +627,7 @@ _READ_ONLY_PROBE = textwrap.dedent(
     import json, sys
     from pathlib import Path
     from grex_locks import LockIOError, PackLock
-    from grex_locks._core import gate
+    from grex_locks._core import fair_queue
     from grex_locks._core import tiers
 
     ro = Path(sys.argv[1])
@@ -640,7 +641,7 @@ _READ_ONLY_PROBE = textwrap.dedent(
     with lock:
         # The record cannot be written here; the lock is held all the same.
         out["old"] = [lock.held, lock.path.with_name(".grex-lock.owner").exists()]
-    out["after"] = [lock.held, gate.registry_size(), list(tiers.held_tiers())]
+    out["after"] = [lock.held, fair_queue.queues_in_use(), list(tiers.held_tiers())]
     print(json.dumps(out))
     """
 )
@@ -739,7 +740,7 @@ def test_tier_violation_raises_before_any_waiting(pack: Path, tmp_path: Path) ->
                 assert caught.value.requested == Tier.PER_PACK
                 assert caught.value.path == contested.path
                 assert tiers.held_tiers() == (Tier.BACKEND,)
-            assert gate.registry_size() == 1
+            assert fair_queue.queues_in_use() == 1
         holder.send("release")
         holder.expect("released")
 
@@ -871,7 +872,7 @@ def test_100_000_packs_leave_no_registry_entries_or_descriptors() -> None:
             if i % 1000 == 999:
                 grown = open_fd_count() - baseline
                 assert grown <= 0, f"{grown} descriptors more after {i + 1} packs"
-        assert gate.registry_size() == 0
+        assert fair_queue.queues_in_use() == 0
         assert open_fd_count() == baseline
     finally:
         # Close what leaked, so one failure does not starve every later test.

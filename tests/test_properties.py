@@ -39,8 +39,7 @@ from grex_locks import (
     TierViolation,
     acquire_all,
 )
-from grex_locks._core import gate
-from grex_locks._core.gate import registry_size
+from grex_locks._core.fair_queue import queues_in_use as registry_size
 
 N_THREADS = 3
 N_PACKS = 3
@@ -336,11 +335,7 @@ class PackLockModel(RuleBasedStateMachine):
                 assert self.outcome().error is None
             leaked = registry_size()
             if leaked:
-                gates = dict(gate._gates)
-                gate.reset_after_fork()  # so that the next example starts clean
-                raise AssertionError(
-                    f"{leaked} gate entries left after everything was released: {gates}"
-                )
+                raise AssertionError(f"{leaked} lock queues in use after everything was released")
         finally:
             for actor in self.actors:
                 actor.stop()

@@ -25,8 +25,8 @@ from pathlib import Path
 from . import lock_file as lockfile
 from . import os_lock as oslock
 from .lock_file import FileKey
+from .threads import start_daemon
 from .undo import Undo
-from .waiting import start_daemon
 
 _IdleKey = tuple[FileKey, bool]
 _idle_mutex = threading.Lock()

@@ -88,6 +88,7 @@ class _ProcessFacts:
 
 _facts: _ProcessFacts | None = None
 
+
 def _facts_now() -> _ProcessFacts:
     global _facts  # noqa: PLW0603 - a per-process cache, renewed in a forked child
     facts = _facts

@@ -32,9 +32,10 @@ from typing import NoReturn
 
 from grex_locks.errors import LockBusy
 
-from . import gate, slow_waits
 from . import lock_file as lockfile
 from . import os_lock as oslock
+from . import slow_waits
+from .fair_queue import Ticket, queue_for
 from .fork import generation
 from .kernel_wait import KernelWait
 from .kernel_wait import kernel_wait as kernel_wait_for
@@ -108,6 +109,9 @@ class LockCore:
         self.busy_error = busy_error
         self._fd: int | None = lockfile.open_lock_file(lock_path)
         self.key = lockfile.file_key(self._fd)
+        #: Threads of this process queue here, first come first served, before flock.
+        self.queue = queue_for(self.key)
+        self._watch = (lock_path, kind)
         self._record = RecordFile(lock_path)
         self.record_path = self._record.path
         self._generation = generation.value
@@ -162,7 +166,8 @@ class LockCore:
         Checked first, before the tier order: taking a lock twice is a
         self-deadlock whatever the tiers say.
         """
-        if threading.get_ident() in self._holds or gate.held_by_current_thread(self.key):
+        me = threading.get_ident()
+        if me in self._holds or self.queue.held_by(me):
             raise self.busy_error(
                 self.path,
                 f"{self.kind} {self.path} is already held by this thread "
@@ -198,6 +203,7 @@ class LockCore:
             return None
         me = threading.get_ident()
         self.refuse_reentry()
+        ticket = Ticket(me, not shared)
         with Undo() as undo:
             # First in, so last out: a release cut short by an interruption
             # leaves the hold findable, and release() again finishes it.
@@ -206,16 +212,10 @@ class LockCore:
                 undo.callback(granted_wait.settle)
             if not tier_taken:
                 enter_tier(undo, self.tier, self.path)
-            admitted = gate.enter(
-                undo,
-                self.key,
-                shared=shared,
-                wait=wait,
-                deadline=deadline,
-                cancel=cancel,
-                watch=(self.path, self.kind),
-            )
-            if not admitted:
+            undo.callback(self.queue.leave, ticket)
+            if not self.queue.enter(
+                ticket, wait=wait, deadline=deadline, cancel=cancel, watch=self._watch
+            ):
                 return None
             if granted_wait is not None:
                 fd: int | None = granted_wait.fd
@@ -252,15 +252,12 @@ class LockCore:
         if deadline is None and cancel is None:
             # Nothing can end this wait but the kernel's grant, so block in the
             # kernel directly: the fastest hand-off there is.
-            wait_id = slow_waits.watch(undo, self.path, self.kind)
-            oslock.lock_blocking(fd, self.path, shared=shared)
-            slow_waits.done(wait_id)
+            with slow_waits.watching(self._watch):
+                oslock.lock_blocking(fd, self.path, shared=shared)
             return fd
         kernel_wait = kernel_wait_for(fd, self.path, self.key, undo, shared=shared)
         kernel_wait.start()
-        wait_id = slow_waits.watch(undo, self.path, self.kind)
-        wait_for(kernel_wait.wake, deadline, cancel)
-        slow_waits.done(wait_id)
+        wait_for(kernel_wait.wake, deadline, cancel, self._watch)
         return kernel_wait.fd if kernel_wait.granted() else None
 
     def descriptor(self) -> int:

@@ -20,19 +20,18 @@ from pathlib import Path
 
 from loguru import logger
 
-from .undo import Undo
-from .waiting import start_daemon
+from .threads import start_daemon
 
 #: A wait longer than this is logged (at WARNING) with who holds the lock.
 SLOW_WAIT_SECONDS = 5.0
 
 _ids = itertools.count()
 _cond = threading.Condition()
-_waits: dict[int, tuple[float, Path, str]] = {}
+_waits: dict[int, tuple[float, object, str]] = {}
 _monitor: threading.Thread | None = None
 
 
-def _unknown_holder(path: Path) -> str:
+def _unknown_holder(path: object) -> str:
     return "holder unknown"
 
 
@@ -48,14 +47,14 @@ def describe_holders_with(describe: Callable[[Path], str]) -> None:
     _describe_holder = describe
 
 
-def _holder_of(path: Path) -> str:
-    return _describe_holder(path)
+def _holder_of(path: object) -> str:
+    return _describe_holder(path) if isinstance(path, Path) else "holder unknown"
 
 
 def _monitor_loop() -> None:
     reported: set[int] = set()
     while True:
-        due: list[tuple[float, Path, str]] = []
+        due: list[tuple[float, object, str]] = []
         with _cond:
             reported &= _waits.keys()
             now = time.monotonic()
@@ -83,16 +82,9 @@ def _monitor_loop() -> None:
             )
 
 
-def watch(undo: Undo, path: Path, kind: str) -> int:
-    """Register a blocking wait on ``path`` with the slow-wait monitor; return its id.
-
-    Its removal is registered on ``undo`` first, so an interrupted wait is
-    forgotten when the acquire unwinds; :func:`done` forgets it as soon as
-    the wait ends normally.
-    """
+def _register(path: object, kind: str) -> int:
     global _monitor  # noqa: PLW0603 - one monitor thread per process, started lazily
     wait_id = next(_ids)
-    undo.callback(done, wait_id)
     with _cond:
         _waits[wait_id] = (time.monotonic(), path, kind)
         if _monitor is None:
@@ -101,10 +93,34 @@ def watch(undo: Undo, path: Path, kind: str) -> int:
     return wait_id
 
 
-def done(wait_id: int) -> None:
-    """Forget the wait ``wait_id`` (idempotent)."""
+def _forget(wait_id: int) -> None:
     with _cond:
         _waits.pop(wait_id, None)
+
+
+class watching:
+    """Register a blocking wait on a lock file with the slow-wait monitor while it lasts.
+
+    ``what`` is ``(lock file, what kind of lock)``, or ``None`` for a wait
+    that is not logged. A wait interrupted at any point is forgotten on the
+    way out: ``__exit__`` runs whenever ``__enter__`` has returned, and an
+    interruption inside ``__enter__`` can only leave an entry that is logged
+    once and never again.
+    """
+
+    __slots__ = ("_id", "_what")
+
+    def __init__(self, what: tuple[object, str] | None) -> None:
+        self._what = what
+        self._id: int | None = None
+
+    def __enter__(self) -> None:
+        if self._what is not None:
+            self._id = _register(*self._what)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._id is not None:
+            _forget(self._id)
 
 
 def reset_after_fork() -> None:

@@ -10,16 +10,64 @@ cancel object's own ``wait()``. Nothing sleeps and retries.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import math
-import threading
 import time
-from collections.abc import Callable
 from typing import Protocol
+
+from . import slow_waits
+from .threads import start_daemon, surface_interrupt
 
 #: How long a cancel watcher sleeps inside ``cancel.wait()`` before checking
 #: whether its wait is over; it bounds how long an idle watcher thread
 #: outlives the acquire, not how fast a cancel is seen.
 _WATCHER_LINGER = 0.25
+
+
+class Waitable(Protocol):
+    """What a waiter blocks on: a :class:`Wake`, or a ``threading.Event``."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = ...) -> bool: ...
+
+
+class Wake:
+    """A one-shot wake-up for one waiting thread: lighter than ``threading.Event``.
+
+    ``Event.wait`` runs a ``Condition`` in Python (a new lock, a waiter list,
+    two more acquisitions) on every hand-off; this is one C-level lock that
+    the waiter blocks on and the waker releases. Setting it twice is harmless.
+    """
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        """Wake the waiter (now, or as soon as it waits)."""
+        self._set = True
+        with contextlib.suppress(RuntimeError):  # set already: one wake-up is all there is
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        """Whether :meth:`set` has been called."""
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until set or ``timeout`` seconds pass; return whether it was set."""
+        if self._set:
+            return True
+        if self._lock.acquire(True, -1 if timeout is None else timeout):
+            self._lock.release()  # stays set for any later wait()
+            return True
+        return self._set
 
 
 class CancelEvent(Protocol):
@@ -48,40 +96,17 @@ def remaining(deadline: float | None) -> float | None:
     return max(0.0, deadline - time.monotonic())
 
 
-def _surface_interrupt(exc: RuntimeError) -> BaseException:
-    """The KeyboardInterrupt behind a CPython threading error it caused, else ``exc``.
-
-    A ``KeyboardInterrupt`` landing inside ``threading.Condition`` code (in
-    ``Thread.start()`` or ``Event.wait()``) can come out as ``RuntimeError:
-    release unlocked lock``; the person pressed Ctrl-C, so they get that back.
-    """
-    cause = exc.__context__
-    if cause is not None and not isinstance(cause, Exception):
-        return cause
-    return exc
-
-
-def _wait(event: threading.Event, timeout: float | None) -> None:
+def _wait(event: Waitable, timeout: float | None) -> None:
     try:
         event.wait(timeout)
     except RuntimeError as exc:
-        raise _surface_interrupt(exc) from None
-
-
-def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
-    """Start a daemon thread; an interrupt that breaks its start surfaces as itself."""
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    try:
-        thread.start()
-    except RuntimeError as exc:
-        raise _surface_interrupt(exc) from None
-    return thread
+        raise surface_interrupt(exc) from None
 
 
 class _CancelWatcher:
     """Sets ``wake`` as soon as ``cancel`` is set, until :meth:`stop`."""
 
-    def __init__(self, cancel: CancelEvent, wake: threading.Event) -> None:
+    def __init__(self, cancel: CancelEvent, wake: Waitable) -> None:
         self._cancel = cancel
         self._wake = wake
         self._done = False
@@ -103,24 +128,32 @@ class _CancelWatcher:
                 return
 
 
-def wait_for(wake: threading.Event, deadline: float | None, cancel: CancelEvent | None) -> None:
+def wait_for(
+    wake: Waitable,
+    deadline: float | None,
+    cancel: CancelEvent | None,
+    watch: tuple[object, str] | None = None,
+) -> None:
     """Block until ``wake`` is set, ``deadline`` passes, or ``cancel`` is set.
 
-    The caller decides afterwards, under its own mutex, which of them it was.
+    The one way grex_locks waits for an event. The caller decides afterwards,
+    under its own mutex, which of them it was. ``watch`` (the lock file and
+    what it is) registers the wait with the slow-wait log while it lasts.
     """
-    if cancel is None:
-        _wait(wake, remaining(deadline))
+    if cancel is not None and is_cancelled(cancel):
         return
-    if cancel.is_set():
-        return
-    watcher = _CancelWatcher(cancel, wake)
-    try:
-        # Inside the try: an interruption while the thread starts must still
-        # stop it, or it would watch the cancel event forever.
-        watcher.start()
-        _wait(wake, remaining(deadline))
-    finally:
-        watcher.stop()
+    with slow_waits.watching(watch):
+        if cancel is None:
+            _wait(wake, remaining(deadline))
+            return
+        watcher = _CancelWatcher(cancel, wake)
+        try:
+            # Inside the try: an interruption while the thread starts must still
+            # stop it, or it would watch the cancel event forever.
+            watcher.start()
+            _wait(wake, remaining(deadline))
+        finally:
+            watcher.stop()
 
 
 def is_cancelled(cancel: CancelEvent | None) -> bool:

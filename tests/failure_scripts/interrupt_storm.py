@@ -42,7 +42,7 @@ from typing import Any
 
 import grex_locks
 from grex_locks import LockError, ManifestLock, PackLock, Scheduler, acquire_all
-from grex_locks._core.gate import registry_size
+from grex_locks._core.fair_queue import queues_in_use as registry_size
 from grex_locks._core.owner_record import record_path
 from grex_locks._core.tiers import held_tiers
 
@@ -337,8 +337,8 @@ class Storm:
     def recover(self) -> None:
         """Force everything free after a failure, so that later iterations are judged afresh."""
         from grex_locks import scheduler
-        from grex_locks._core import gate, tiers
         from grex_locks._core import lock_file as lockfile
+        from grex_locks._core import tiers
 
         for fd in lockfile.owned_descriptors():
             with contextlib.suppress(OSError):
@@ -347,9 +347,10 @@ class Storm:
         cores = [lock._core for lock in objects]
         cores += [*self.scheduler._slots, *self.rival_scheduler._slots]
         for core in cores:
-            core._generation = -1  # renews itself (forgets its holds) on next use
+            # Renew themselves (forget their holds and places) on next use, as in a child.
+            core._generation = -1
+            core.queue._generation = -1
         scheduler.reset_all_after_fork()
-        gate.reset_after_fork()
         tiers.reset_after_fork()
         for path in self.files:
             record = record_path(path)

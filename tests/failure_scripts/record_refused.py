@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from grex_locks import LockIOError, PackLock
-from grex_locks._core.gate import registry_size
+from grex_locks._core.fair_queue import queues_in_use as registry_size
 from grex_locks._core.owner_record import record_path
 from grex_locks._core.tiers import held_tiers
 
