@@ -488,28 +488,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             loads = run(b, scenarios)
         finally:
             b.drop_workers()
-    whole = cpu_between(began, cpu_sample())
-    info |= {"load_after": os.getloadavg(), "seconds": round(whole["seconds"])}
-    info |= {"other_cpus": whole["other_cpus"], "steal_cpus": whole["steal_cpus"]}
-    info["other_cpus_max"] = max((row["other_cpus"] for row in loads), default=0.0)
-    print(f"total {info['seconds']} s", file=sys.stderr)
-    report = b.report
-    judge_load(report, info, loads)
+        whole = cpu_between(began, cpu_sample())
+        info |= {"load_after": os.getloadavg(), "seconds": round(whole["seconds"])}
+        info |= {"other_cpus": whole["other_cpus"], "steal_cpus": whole["steal_cpus"]}
+        info["other_cpus_max"] = max((row["other_cpus"] for row in loads), default=0.0)
+        print(f"total {info['seconds']} s", file=sys.stderr)
+        judge_load(b.report, info, loads)
+        publish(args, b.report, info, loads)
+        print(f"removing {root} ...", file=sys.stderr, flush=True)
+    return 1 if b.report.failures else 0
+
+
+def publish(
+    args: argparse.Namespace, report: Report, info: dict[str, Any], loads: list[dict[str, Any]]
+) -> None:
+    """Print the report (table or JSON) and draw the plot, if asked."""
+    settings = QUICK if args.quick else FULL
     if args.json:
         out: dict[str, Any] = {"machine": info, "settings": asdict(settings), "load": loads}
         out |= {"sections": {s.key: s.data | {"notes": s.notes} for s in report.sections}}
         out |= {"targets": [asdict(t) for t in report.targets], "failures": report.failures}
         out |= {"warnings": report.notes}
-        print(json.dumps(out, indent=2, default=str))
+        print(json.dumps(out, indent=2, default=str), flush=True)
     else:
-        print(render(report, info, loads))
+        print(render(report, info, loads), flush=True)
     if args.plot:
         caption = (
-            f"{info['command']}  |  {info['platform']}, {cpus} CPUs, {info['python']}, "
-            f"lock files on {fs.fstype}"
+            f"{info['command']}  |  {info['platform']}, {info['cpus']} CPUs, {info['python']}, "
+            f"lock files on {info['file_system']['fstype']}"
         )
         plot(report, args.plot, caption, settings.process_counts)
-    return 1 if report.failures else 0
 
 
 if __name__ == "__main__":
