@@ -364,6 +364,10 @@ def _own_locks(chain: Chain, me: Actor, rng: random.Random) -> None:
     wanted = [rng.choice(group) for group in (packs, backends) if group and rng.random() < 0.7]
     with ExitStack() as stack:
         own = Chain(me, 0, rng, stack)
+        # Fill the free numbers below the parent's lowest lock descriptor (closed
+        # here at the fork), so the child's next lock file gets exactly that number.
+        fillers = _fill_below(min(_parent_fds, default=0))
+        stack.callback(lambda: [os.close(fd) for fd in fillers])
         for name in wanted:
             lock: Any = (
                 own.pack(int(name[1:])) if name[0] == "p" else me.plan.locks.backends[int(name[1:])]
@@ -395,6 +399,18 @@ def _own_locks(chain: Chain, me: Actor, rng: random.Random) -> None:
                         "inherited holds (descriptor reuse)",
                     )
         own.dwell()
+
+
+def _fill_below(target: int) -> list[int]:
+    """Open /dev/null until the lowest free descriptor number is ``target`` (if it is free)."""
+    fillers: list[int] = []
+    while target:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if fd >= target:
+            os.close(fd)
+            break
+        fillers.append(fd)
+    return fillers
 
 
 def _try_parents_lock(chain: Chain, me: Actor, rng: random.Random) -> None:
