@@ -17,6 +17,7 @@ from .errors import (
     LockError,
     LockIOError,
     LockTimeout,
+    TierOrderWarning,
     TierViolation,
     WorkspaceBusy,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "ScanResult",
     "Scheduler",
     "Tier",
+    "TierOrderWarning",
     "TierViolation",
     "WaitCycle",
     "WorkspaceBusy",

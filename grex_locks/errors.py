@@ -134,3 +134,12 @@ class LockIOError(LockError):
 
     def __init__(self, path: Path | str | None, message: str = "") -> None:
         super().__init__(path, message or f"cannot use lock file {path}")
+
+
+class TierOrderWarning(UserWarning):
+    """The lock order was broken while the tier check mode is ``"warn"``.
+
+    Issued through :mod:`warnings`, so it is shown once per call site unless
+    the program filters it; ``"raise"`` mode raises :class:`TierViolation`
+    instead, and ``"off"`` says nothing.
+    """

@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -775,20 +776,54 @@ def test_increasing_tiers_are_allowed(tmp_path: Path) -> None:
         )
 
 
-def test_warn_mode_logs_and_goes_on(pack: Path, tmp_path: Path, grex_log: list[Any]) -> None:
+def test_warn_mode_warns_at_the_callers_line_logs_and_goes_on(
+    pack: Path, tmp_path: Path, grex_log: list[Any]
+) -> None:
     grex_locks.set_tier_check("warn")
-    with BackendLock(tmp_path / "dest"), PackLock(pack) as inner:
-        assert inner.held
-        assert tiers.held_tiers() == (Tier.BACKEND, Tier.PER_PACK)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        with BackendLock(tmp_path / "dest"), PackLock(pack) as inner:
+            assert inner.held
+            assert tiers.held_tiers() == (Tier.BACKEND, Tier.PER_PACK)
+    assert [w.category for w in warned] == [grex_locks.TierOrderWarning]
+    assert "PER_PACK" in str(warned[0].message)
+    assert [w.filename for w in warned] == [__file__], "the warning names the caller's line"
     errors = [r for r in grex_log if r["level"].name == "ERROR"]
     assert len(errors) == 1
     assert "PER_PACK" in errors[0]["message"]
     assert str(pack) in errors[0]["message"]
 
 
+def test_warn_mode_is_visible_by_default_once_per_call_site(tmp_path: Path) -> None:
+    script = (
+        "import pathlib, sys, grex_locks\n"
+        "grex_locks.set_tier_check('warn')\n"
+        "root = pathlib.Path(sys.argv[1])\n"
+        "for _ in range(3):\n"
+        "    with grex_locks.ManifestLock(root / 'm'):\n"
+        "        with grex_locks.PackLock(root / 'p'):\n"
+        "            pass\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    )
+    assert run.stderr.count("TierOrderWarning") == 1, run.stderr
+    assert "<string>:6" in run.stderr
+
+
 def test_off_mode_allows_silently(pack: Path, tmp_path: Path, grex_log: list[Any]) -> None:
     grex_locks.set_tier_check("off")
-    with BackendLock(tmp_path / "dest"), PackLock(pack) as inner, PackLock(tmp_path / "b"):
+    with (
+        BackendLock(tmp_path / "dest"),
+        PackLock(pack) as inner,
+        PackLock(tmp_path / "b"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error")
         assert inner.held
     assert [r for r in grex_log if r["level"].no >= 30] == []
 

@@ -153,7 +153,8 @@ class FairQueue:
     def held_by(self, thread: int) -> bool:
         """Whether ``thread`` holds a place in this queue now."""
         self._renew_if_forked()
-        return any(ticket.thread == thread for ticket in list(self._holders))
+        holders = self._holders
+        return bool(holders) and any(ticket.thread == thread for ticket in list(holders))
 
     @property
     def in_use(self) -> bool:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextvars
 import enum
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Literal
 
 from loguru import logger
 
-from grex_locks.errors import TierViolation
+from grex_locks.errors import TierOrderWarning, TierViolation
 
 from .undo import Undo
 
@@ -95,21 +97,35 @@ def enter_tier(stack: Undo, tier: Tier, path: Path | None) -> None:
     if held and _mode != "off":
         top = max(entry[0] for entry in held)
         if tier <= top:
+            violation = TierViolation(path, held=top, requested=tier)
             if _mode == "raise":
-                raise TierViolation(path, held=top, requested=tier)
-            logger.error(
-                "lock order violated: {} requested for {} while holding {}",
-                tier.name,
-                path,
-                top.name,
-            )
+                raise violation
+            # Asked for by the program, so visible by default (once per call
+            # site, Python's rule for warnings), and logged for those who log.
+            warnings.warn(str(violation), TierOrderWarning, stacklevel=_callers_level())
+            logger.error("{}", violation)
     token = object()
     stack.callback(_pop_tier, token)
     _held.set((*held, (tier, token)))
 
 
+def _callers_level() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside grex_locks."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        "grex_locks."
+    ):
+        frame = frame.f_back
+        level += 1
+    return level - 1
+
+
 def _pop_tier(token: object) -> None:
     held = _held.get()
+    if held and held[-1][1] is token:
+        _held.set(held[:-1])
+        return
     # Releases may come in any order when a caller mixes release() and with.
     remaining = tuple(entry for entry in held if entry[1] is not token)
     if len(remaining) != len(held):
