@@ -367,7 +367,8 @@ def _own_locks(chain: Chain, me: Actor, rng: random.Random) -> None:
         # Fill the free numbers below the parent's lowest lock descriptor (closed
         # here at the fork), so the child's next lock file gets exactly that number.
         fillers = _fill_below(min(_parent_fds, default=0))
-        stack.callback(lambda: [os.close(fd) for fd in fillers])
+        for fd in fillers:
+            stack.callback(os.close, fd)
         for name in wanted:
             lock: Any = (
                 own.pack(int(name[1:])) if name[0] == "p" else me.plan.locks.backends[int(name[1:])]
