@@ -401,6 +401,7 @@ try:
     PackLock(sys.argv[1]).acquire(timeout=0.2)
 except LockTimeout as exc:
     print(exc, flush=True)
+    print(exc.holder.explain() if exc.holder is not None else "-", flush=True)
 """
 
 
@@ -415,8 +416,47 @@ def test_a_command_under_run_taking_the_same_lock_is_told_its_parent_holds_it(
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    message = run.stdout.strip()
+    message, explained = run.stdout.strip().splitlines()
     assert message.startswith("timed out after ")
     assert "— this process's own parent" in message
     parent_pid = int(message.split("held by pid ", 1)[1].split()[0])
     assert parent_pid != os.getpid()
+    assert "waiting is safe" not in explained
+    assert "need not take it again" in explained
+
+
+#: Under `grex-locks run PACK`: wait for PACK's lock with logging on; when the
+#: slow-wait line is logged, print it and give up (the cancel event).
+SLOW_WAIT = r"""
+import sys, threading
+from loguru import logger
+from grex_locks import LockCancelled, PackLock
+given_up = threading.Event()
+def sink(message):
+    if "still waiting" in message:
+        print(message.record["message"], flush=True)
+        given_up.set()
+logger.remove()
+logger.add(sink, level="WARNING")
+logger.enable("grex_locks")
+try:
+    PackLock(sys.argv[1]).acquire(timeout=60, cancel=given_up)
+except LockCancelled:
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_the_slow_wait_line_of_a_command_under_run_names_its_parent(tmp_path: Path) -> None:
+    """The log line a wait prints after a few seconds says the holder is the waiter's parent."""
+    run = subprocess.run(
+        [*CLI, "run", str(tmp_path), "--", sys.executable, "-c", SLOW_WAIT, str(tmp_path)],
+        capture_output=True,
+        timeout=90,
+        check=False,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    line = run.stdout.strip()
+    assert line.startswith("still waiting after "), line
+    assert "— this process's own parent" in line

@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 from conftest import DEADLINE
-from test_diagnosis import Holders, holders_fixture  # noqa: F401 - the fixture
+from test_diagnosis import Holders, holders_fixture, read_line  # noqa: F401 - the fixture
+
+from grex_locks._diagnostics.diagnose import diagnose
+from grex_locks._diagnostics.diagnosis import HolderState
 
 SETPRIV = shutil.which("setpriv")
 pytestmark = pytest.mark.skipif(
@@ -156,3 +159,45 @@ def test_a_closed_root_is_reported_not_called_missing(base: Path, private: Path)
         run = cli_as_nobody("scan", str(root), "--json", cwd=base)
         (found,) = as_json(run)
         assert (found["path"], found["state"]) == (str(root), "UNREADABLE")
+
+
+#: Hold argv[1]'s pack lock with grex_locks; say "ready"; hold until stdin closes.
+PACK_HOLDER = (
+    "import sys; from grex_locks import PackLock; hold = PackLock(sys.argv[1]).acquire(); "
+    "print('ready', flush=True); sys.stdin.read()"
+)
+
+
+def test_another_users_record_the_holder_cannot_replace_is_named(base: Path) -> None:
+    shared = base / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # a sticky shared directory: nobody may replace root's files
+    lock = shared / ".grex-lock"
+    lock.touch()
+    record = Path(f"{lock}.owner")
+    left = b'{"pid": 1, "create_time": 1.0, "argv": ["an", "older", "writer"]}'
+    record.write_bytes(left)
+    record.chmod(0o644)
+    holder = subprocess.Popen(
+        [*NOBODY, sys.executable, "-c", PACK_HOLDER, str(shared)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=base,
+    )
+    try:
+        assert read_line(holder) == "ready"
+        d = diagnose(shared)
+        assert d.state is HolderState.UNKNOWN_HOLDER
+        assert [h.pid for h in d.holders] == [holder.pid]
+        assert d.record_user == "root"
+        text = d.explain()
+        assert f"Its owner record {record} belongs to user root" in text
+        assert "the holder runs as nobody" in text
+        # What it says happened did: the holder took the lock, its record is not there.
+        assert record.read_bytes() == left
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(DEADLINE)
+        assert holder.stdout is not None
+        holder.stdout.close()

@@ -141,7 +141,8 @@ class Diagnosis:
     at the lock path (``"directory"``, ``"symlink"``, ``"FIFO"``, ...): no
     grex_locks acquire can use it. ``record_file_type`` likewise for the
     record path. ``record_at`` is where the record was read when that is
-    not beside ``path`` (another hard-link name of the same lock file).
+    not beside ``path`` (another hard-link name of the same lock file);
+    ``record_user`` the user owning the record file, when it is a file.
     ``observer`` is ``(pid, parent pid)`` of the process that diagnosed.
     """
 
@@ -159,6 +160,7 @@ class Diagnosis:
     lock_file_type: str = ""
     record_file_type: str = ""
     record_at: Path | None = None
+    record_user: str = ""
     observer: tuple[int, int] = field(default_factory=_observer)
 
     @property
@@ -185,6 +187,7 @@ class Diagnosis:
             "record_problem": self.record_problem,
             "record_file_type": self.record_file_type,
             "record_at": str(self.record_at) if self.record_at is not None else None,
+            "record_user": self.record_user,
             "lock_file_type": self.lock_file_type,
             "note": self.note,
             "kernel_visible": self.kernel_visible,

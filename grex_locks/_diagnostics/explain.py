@@ -147,8 +147,8 @@ def _held(d: Diagnosis) -> str:
             f"queueing. Let the first finish (or stop pid {pids[0]} if it should not be "
             "running), then start yours."
         )
-    if stopped:
-        return text  # the stopped-holder sentence says what a wait does
+    if stopped or _parent(d):
+        return text  # the stopped-holder (or parent) sentence says what a wait does
     return (
         f"{text} The holder is alive, so waiting is safe: the lock is granted the moment it "
         "is released. If it seems stuck, look at what that process is doing (its logs, or "
@@ -180,6 +180,16 @@ def _unknown(d: Diagnosis) -> str:
             "grex_locks holder replaces it with its own record, so this holder is a tool "
             f"outside grex_locks (such as flock(1)) or could not write in {record.parent}. "
             "Waiting is safe while it runs; check what that process is doing."
+        )
+    strangers = sorted({h.username for h in d.holders if h.username} - {d.record_user})
+    if d.record_user and strangers:
+        return (
+            f"{start}{_note(d)}. Its owner record {record} belongs to user {d.record_user}, "
+            f"and the holder runs as {', '.join(strangers)}: a grex_locks holder cannot "
+            "overwrite or replace another user's record file unless it is writable to it, "
+            "so it takes the lock without a record (and logs so). Ask "
+            f"{d.record_user} (or root) to remove {record}, or to make it writable to the "
+            "users who share this directory. Waiting is safe while the holder runs."
         )
     return (
         f"{start}{_note(d)}: a tool outside grex_locks (such as flock(1)), or a holder that "

@@ -10,6 +10,7 @@ state table in ``API.md`` is one return of :func:`_verdict`.
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import stat
 import time
@@ -47,6 +48,18 @@ class Probe:
         self.hostname = socket.gethostname()
         self.now = time.time()
         self._holders: dict[int, Holder | None] = {}
+        self._users: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        """The name of user ``uid`` (its number if it has none); ``""`` for ``-1``."""
+        if uid < 0:
+            return ""
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = str(uid)
+        return self._users[uid]
 
     def holder(self, pid: int) -> Holder | None:
         """``pid`` described by psutil (cached); ``None`` if it is not a live process."""
@@ -257,6 +270,7 @@ def judge(
         owner=record.owner,
         record_problem=record.problem,
         record_file_type=record.file_type,
+        record_user=probe.user(record.uid),
         record_at=record_at,
         holders=probe.holders(pids),
         waiters=probe.holders(waiter_pids),

@@ -32,7 +32,7 @@ import math
 import os
 import stat
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class RecordRead:
     file (``"directory"``, ``"symlink"``, ``"FIFO"``, ``"socket"``,
     ``"device"``), else ``""``. ``torn`` says the bytes may be a write caught
     half done (not JSON, or a check that does not match): worth reading again.
+    ``uid`` is the record file's owner (``-1`` when it is not a regular file).
     """
 
     status: RecordStatus
@@ -80,6 +81,7 @@ class RecordRead:
     problem: str = ""
     file_type: str = ""
     torn: bool = False
+    uid: int = -1
 
 
 def _check_matches(body: bytes, owner: dict[str, Any]) -> bool:
@@ -187,7 +189,7 @@ def _read_once(target: Path) -> RecordRead:  # noqa: PLR0911 - one return per ve
         os.close(fd)
     if len(data) > MAX_RECORD_BYTES:
         return RecordRead(RecordStatus.UNREADABLE, problem="too large")
-    return parse_record(data)
+    return replace(parse_record(data), uid=st.st_uid)
 
 
 def read_record(lock_path: Path) -> RecordRead:
