@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
+from ._core.kernel_wait import blocked_on
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier
 from ._core.waiting import CancelEvent, deadline_after
@@ -26,6 +28,27 @@ BACKEND_LOCK_SUFFIX = ".grex-backend.lock"
 MANIFEST_LOCK_FILE_NAME = ".grex.lock"
 
 StrPath = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class LockStatistics:
+    """A snapshot of one lock file as this process sees it (``lock.statistics()``).
+
+    Other processes are not counted: ``grex_locks.diagnose`` asks the kernel
+    about them.
+    """
+
+    #: Whether this lock object holds the lock (in some thread).
+    held: bool
+    #: Names of this process's threads that hold the lock file, through any lock object.
+    holder_threads: tuple[str, ...]
+    #: Whether the lock file is held exclusively by a thread of this process.
+    exclusive: bool
+    #: Threads of this process queued for the lock file, first come first served.
+    threads_waiting: int
+    #: Helper threads of this process blocked in ``flock`` on it (waits with a
+    #: timeout or cancel event, and waits that gave up and are left behind).
+    kernel_waiters: int
 
 
 class _FileLock:
@@ -107,6 +130,19 @@ class _FileLock:
     def release(self) -> None:
         """Release the lock this thread took through this object."""
         self._core.release_hold()
+
+    def statistics(self) -> LockStatistics:
+        """Who in this process holds this lock file and who waits for it, right now."""
+        core = self._core
+        queue = core.queue.statistics()
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        return LockStatistics(
+            held=core.held,
+            holder_threads=tuple(names.get(ident, str(ident)) for ident in queue.holder_threads),
+            exclusive=queue.exclusive,
+            threads_waiting=queue.waiting,
+            kernel_waiters=blocked_on(core.key),
+        )
 
     def _held_descriptor(self) -> int:
         """The descriptor whose open file description holds the OS lock (for ``run``)."""

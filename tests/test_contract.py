@@ -9,6 +9,8 @@ import os
 import pickle
 import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -335,3 +337,33 @@ def test_waiting_kinds_time_out_rather_than_report_busy(kind: LockKind, tmp_path
             kind.make(_base(tmp_path)).acquire(timeout=0.05)
         assert not isinstance(caught.value, LockBusy)
         assert caught.value.path == lock.path
+
+
+def _observe(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Return once ``condition()`` holds (an observation with a deadline, not a sleep)."""
+    pause = threading.Event()
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never observed: {what}"
+        pause.wait(0.002)
+
+
+def test_statistics_show_holder_thread_and_waiters(kind: LockKind, tmp_path: Path) -> None:
+    lock = kind.make(tmp_path / "target")
+    other = kind.make(tmp_path / "target")
+    idle = lock.statistics()
+    assert (idle.held, idle.holder_threads, idle.threads_waiting) == (False, (), 0)
+    waiter = threading.Thread(target=lambda: other.acquire(timeout=10).release(), name="waiter")
+    with lock:
+        stats = lock.statistics()
+        assert stats.held
+        assert stats.exclusive
+        assert stats.holder_threads == (threading.current_thread().name,)
+        assert not other.statistics().held
+        if kind.waits:
+            waiter.start()
+            _observe(lambda: other.statistics().threads_waiting == 1, "the waiter queued")
+    if kind.waits:
+        waiter.join(10)
+        assert not waiter.is_alive()
+    assert lock.statistics().holder_threads == ()

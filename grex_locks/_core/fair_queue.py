@@ -46,9 +46,14 @@ class Ticket:
 class QueueStatistics:
     """A snapshot of one queue: who is in, who waits."""
 
-    holders: int
+    holder_threads: tuple[int, ...]
     exclusive: bool
     waiting: int
+
+    @property
+    def holders(self) -> int:
+        """How many places are held."""
+        return len(self.holder_threads)
 
 
 class FairQueue:
@@ -168,7 +173,7 @@ class FairQueue:
         with self._mutex:
             holders = list(self._holders)
             return QueueStatistics(
-                holders=len(holders),
+                holder_threads=tuple(ticket.thread for ticket in holders),
                 exclusive=bool(holders) and holders[0].exclusive,
                 waiting=len(self._waiting),
             )

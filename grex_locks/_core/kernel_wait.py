@@ -31,6 +31,8 @@ from .undo import Undo
 _IdleKey = tuple[FileKey, bool]
 _idle_mutex = threading.Lock()
 _idle: dict[_IdleKey, list[_Helper]] = {}
+#: How many helper threads are blocked in flock, per lock file (for statistics).
+_blocked: dict[FileKey, int] = {}
 
 
 class _Helper:
@@ -52,10 +54,17 @@ class _Helper:
 
     def run(self) -> None:
         error: BaseException | None = None
+        with _idle_mutex:
+            _blocked[self.key] = _blocked.get(self.key, 0) + 1
         try:
             oslock.lock_blocking(self.fd, self.path, shared=self.shared)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
             error = exc
+        finally:
+            with _idle_mutex:
+                _blocked[self.key] -= 1
+                if not _blocked[self.key]:
+                    del _blocked[self.key]
         with self.mutex:
             self.finished = True
             abandoned = self.owner is None
@@ -186,6 +195,11 @@ def _forget_idle(helper: _Helper) -> None:
                 del _idle[(helper.key, helper.shared)]
 
 
+def blocked_on(key: FileKey) -> int:
+    """How many helper threads of this process are blocked in ``flock`` on ``key`` now."""
+    return _blocked.get(key, 0)
+
+
 def idle_count() -> int:
     """How many left-behind helper threads are still blocked in ``flock``."""
     with _idle_mutex:
@@ -197,6 +211,7 @@ def reset_after_fork() -> None:
     global _idle_mutex  # noqa: PLW0603 - recreated after fork, like the gate's mutex
     _idle_mutex = threading.Lock()
     _idle.clear()
+    _blocked.clear()
 
 
 os.register_at_fork(after_in_child=reset_after_fork)
