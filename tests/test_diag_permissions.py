@@ -70,14 +70,14 @@ def private(base: Path, holders: Holders) -> Path:
 def test_who_on_a_lock_in_a_closed_directory_says_eacces(base: Path, private: Path) -> None:
     lock = private / ".grex-lock"
     run = cli_as_nobody("who", str(lock), "--json", cwd=base)
-    assert run.returncode == 2, run.stderr
+    assert run.returncode == 1, run.stderr  # a state other than FREE / STALE_RECORD
     (found,) = as_json(run)
     assert found["state"] == "UNREADABLE"
     assert "EACCES" in found["note"]
     assert str(lock) in found["note"]
 
     run = cli_as_nobody("who", str(private), cwd=base)
-    assert run.returncode == 2
+    assert run.returncode == 1
     assert "no such file" not in run.stderr
     assert f"{private}: UNREADABLE" in run.stdout
     assert "EACCES" in run.stdout
@@ -131,7 +131,7 @@ def test_a_searchable_but_unlistable_directory_still_shows_its_locks(
     proc = holders.hold(closed / ".grex-lock")
     closed.chmod(0o711)
     run = cli_as_nobody("who", str(closed), "--json", cwd=base)
-    assert run.returncode == 2
+    assert run.returncode == 1
     found = {Path(d["path"]).name: d for d in as_json(run)}
     assert found["closed"]["state"] == "UNREADABLE"
     assert found[".grex-lock"]["state"] == "HELD"

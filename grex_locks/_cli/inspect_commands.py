@@ -3,8 +3,9 @@
 None of them takes a lock or changes a file, except ``doctor --prune``
 removing an owner record whose lock the kernel shows free at that moment.
 A lock or directory that cannot be looked at (permission denied) is shown as
-``UNREADABLE`` with the error and path, never as free, and makes the command
-exit 2: its answer is incomplete.
+``UNREADABLE`` with the error and path, never as free: ``who`` answers 1 for
+it (a state other than free), ``scan`` and ``doctor`` 2 (their answer is
+incomplete).
 """
 
 from __future__ import annotations
@@ -60,9 +61,7 @@ def _print_json(diagnoses: Sequence[Diagnosis]) -> None:
 
 
 def _status(diagnoses: Sequence[Diagnosis]) -> int:
-    """2 if anything could not be looked at or used, 1 if any lock is held, else 0."""
-    if any(not d.usable for d in diagnoses):
-        return 2
+    """0 if every lock is ``FREE`` or ``STALE_RECORD``, else 1 (held, or not inspectable)."""
     return 0 if all(d.state in _FREE_STATES for d in diagnoses) else 1
 
 

@@ -1,8 +1,8 @@
 """``grex-locks``: who holds a grex lock, which records are stale, and running a command under one.
 
 Exit codes follow ``API.md``: ``who`` answers 0 when every lock is free (or
-only a stale record is left), 1 when any is held, 2 on a usage error, a
-missing path, or a lock that cannot be looked at or used; ``scan`` and
+only a stale record is left), 1 when any is in another state (held, or
+``UNREADABLE``), 2 on a usage error or a missing path; ``scan`` and
 ``doctor`` 0, or 2 on error (a missing ROOT, or parts that could not be
 read); ``run`` passes on its command's status. User errors print one line on
 stderr, never a traceback. Logging stays off unless ``-v`` is given (before
@@ -106,9 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Diagnose each PATH: a lock file; an owner record X.owner (lock X); a "
         "directory (every grex lock file directly in it: .grex-lock, .grex.sync.lock, "
         ".grex.lock, *.grex-backend.lock, slot-<n>.lock, any file with a .owner beside it). "
-        "Exit 0 if all are free or only stale, 1 if any is held, 2 on error (no such path; "
-        "a lock that cannot be looked at, such as permission denied; a directory or FIFO "
-        "where a lock file should be).",
+        "Exit 0 if all are free or only stale, 1 if any is in another state (held, or "
+        "UNREADABLE: permission denied), 2 on error (no such path).",
     )
     who.add_argument("locks", nargs="+", metavar="PATH", help="lock file, record or directory")
     who.add_argument("--json", action="store_true", help="print a JSON array of diagnoses")
