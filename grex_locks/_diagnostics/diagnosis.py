@@ -89,9 +89,7 @@ class Holder:
         except (psutil.Error, OSError, ValueError, OverflowError):
             return cls(pid, "", [], "unknown", "", 0.0)
         if status in STOPPED_STATUSES and ppid > 0:
-            parent = cls.of_pid(ppid)
-            if parent is not None:
-                return replace(holder, parent=parent.command())
+            return replace(holder, parent=_command_of(ppid))
         return holder
 
     @property
@@ -102,6 +100,15 @@ class Holder:
     def command(self) -> str:
         """The command line, short: program name first, as a person would type it."""
         return _short_command(self.cmdline) or clean(self.name)
+
+
+def _command_of(pid: int) -> str:
+    """Process ``pid``'s command line, short; ``""`` if it cannot be had."""
+    try:
+        proc = psutil.Process(pid)
+        return _short_command(_ask(proc.cmdline, [])) or clean(_ask(proc.name, ""))
+    except (psutil.Error, OSError, ValueError, OverflowError):
+        return ""
 
 
 def _ask(call: Any, default: Any) -> Any:
