@@ -557,7 +557,13 @@ class Run:
         rows.append(
             ("exact", f"{tally.exact} / {tally.sampled} {_percent(tally.exact, tally.sampled)}")
         )
-        for axis, title in (("state", "per state"), ("kind", "per kind"), ("method", "per method")):
+        axes = (
+            ("state", "per state"),
+            ("kind", "per kind"),
+            ("method", "per method"),
+            ("holder", "per holder"),
+        )
+        for axis, title in axes:
             found = {value: (exact, sampled) for value, exact, sampled in tally.rows(axis)}
             order = list(EXPECTED_STATES) if axis == "state" else sorted(found)
             cells = [

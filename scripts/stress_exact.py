@@ -251,6 +251,16 @@ def judge(  # noqa: PLR0911 - one return per verdict
     return "exact", ""
 
 
+def _holder_type(wid: str) -> str:
+    """What kind of process ``wid`` names: a worker, its forked child, or its fork pool's worker."""
+    last = wid.rsplit(".", 1)[-1]
+    if wid.count(".") >= 2 and last[:1] == "f":
+        return "fork child"
+    if wid.count(".") >= 2 and last[:1] == "q":
+        return "fork pool worker"
+    return "worker"
+
+
 @dataclass
 class Tally:
     """Exactness counts per expected state, lock kind and method, and every miss with its sample."""
@@ -277,7 +287,11 @@ class Tally:
         if verdict in ("ghost", "forking"):
             self.windows[verdict] += 1
             return None
-        for axis in (f"state:{expectation.state}", f"kind:{kind}", f"method:{method}"):
+        axes = [f"state:{expectation.state}", f"kind:{kind}", f"method:{method}"]
+        axes += [
+            f"holder:{holder}" for holder in sorted({_holder_type(w) for w in expectation.wids})
+        ]
+        for axis in axes:
             self.judged[(axis, verdict)] += 1
         if verdict != "miss":
             return None
@@ -290,7 +304,7 @@ class Tally:
         return text
 
     def rows(self, axis: str) -> list[tuple[str, int, int]]:
-        """(value, exact, sampled) for one axis: ``state``, ``kind`` or ``method``."""
+        """(value, exact, sampled) for one axis: ``state``, ``kind``, ``method`` or ``holder``."""
         values = sorted({key[0] for key in self.judged if key[0].startswith(axis + ":")})
         return [
             (
