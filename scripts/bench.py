@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_peers import GREX_IMPORT_ERROR, grex_locks, label
+from bench_peers import GREX_FINGERPRINT, GREX_IMPORT_ERROR, grex_locks, label
 from bench_scenarios import CAVEAT, FULL, QUICK, SCENARIOS, Bench, Report
 
 try:
@@ -228,12 +228,13 @@ def grex_source() -> str:
     """Which grex_locks was measured: its directory, commit, and uncommitted changes."""
     if grex_locks is None:
         return f"NOT IMPORTABLE ({GREX_IMPORT_ERROR})"
+    # The source hash: every worker checks it imported the same (the tree may change mid-run).
     where = Path(str(grex_locks.__file__)).parent
     head = _git(where, "log", "-1", "--format=%h %cs")
     if not head:
-        return str(where)
+        return f"{GREX_FINGERPRINT} (not in a git work tree)"
     dirty = _git(where, "status", "--porcelain", "--", ".").splitlines()
-    return f"{where} at {head}, {len(dirty)} uncommitted change(s) in it"
+    return f"{GREX_FINGERPRINT} at {head}, {len(dirty)} uncommitted change(s) in it"
 
 
 def machine(root: Path, fs: FileSystem) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import hashlib
 import importlib
 import inspect
 import multiprocessing
@@ -54,6 +55,23 @@ try:
 except Exception as exc:  # noqa: BLE001 - a half-rewritten library must not stop the peers' run
     grex_locks = None
     GREX_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def grex_fingerprint() -> str:
+    """Where the grex_locks in use lives and a hash of its source files' bytes."""
+    if grex_locks is None or grex_locks.__file__ is None:
+        return "not importable"
+    package = Path(grex_locks.__file__).parent
+    digest = hashlib.sha1(usedforsecurity=False)
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        with contextlib.suppress(OSError):
+            digest.update(path.read_bytes())
+    return f"{package} #{digest.hexdigest()[:12]}"
+
+
+#: What the parent imported: every worker must have imported the same (see :class:`Workers`).
+GREX_FINGERPRINT = grex_fingerprint()
 
 #: The longest any benchmark acquire waits; a wait this long is reported as a failure.
 MAX_WAIT = 60.0
@@ -790,7 +808,7 @@ def worker_main(conn: Connection, barriers: dict[int, Barrier]) -> None:
     """Serve commands from the parent until told to exit or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     st = WorkerState(conn, barriers)
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", (os.getpid(), grex_fingerprint())))
     while True:
         try:
             cmd, args, kwargs = conn.recv()
@@ -831,7 +849,14 @@ class Workers:
                 child.close()
                 self.procs.append(proc)
                 self.conns.append(parent)
-            self.pids = [self.recv(i, QUICK_CALL, "ready") for i in range(size)]
+            ready = [self.recv(i, QUICK_CALL, "ready") for i in range(size)]
+            self.pids = [pid for pid, _ in ready]
+            for _, theirs in ready:
+                if theirs != GREX_FINGERPRINT:
+                    raise WorkerError(
+                        f"a worker imported another grex_locks ({theirs}) than this run "
+                        f"({GREX_FINGERPRINT}): its source changed during the run"
+                    )
         except BaseException:
             self.close()
             raise
