@@ -109,6 +109,7 @@ def test_scan_lists_what_it_could_not_enter(base: Path, private: Path) -> None:
     assert "private" in unreadable[0]
     assert "EACCES" in unreadable[0]
     assert "could not be read" in run.stderr
+    assert rows[-1].startswith(f"1 lock and 1 unreadable path under {base}: 1 FREE, 1 UNREADABLE")
 
     run = cli_as_nobody("scan", str(base), "--json", cwd=base)
     assert run.returncode == 2

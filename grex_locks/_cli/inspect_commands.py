@@ -180,11 +180,19 @@ def scan_root(root: str) -> ScanResult:
         raise UserError(str(exc)) from None
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def summary_line(result: ScanResult, shown: int) -> str:
     """``"10003 locks under /ws: 3 HELD, 10000 FREE (10000 not shown; --all lists them)"``."""
     counts = Counter(d.state for d in result)
     tally = ", ".join(f"{counts[state]} {state.name}" for state in HolderState if counts[state])
-    text = f"{len(result)} locks under {result.root}" + (f": {tally}" if tally else "")
+    unreadable = len(result.unreadable)
+    found = _count(len(result) - unreadable, "lock") + (
+        f" and {_count(unreadable, 'unreadable path')}" if unreadable else ""
+    )
+    text = f"{found} under {result.root}" + (f": {tally}" if tally else "")
     hidden = len(result) - shown
     if hidden:
         text += f" ({hidden} free, not shown; --all lists every lock)"
