@@ -6,6 +6,7 @@ The public API; see ``API.md`` for the contract. This module holds no logic.
 from loguru import logger
 
 from ._core.owner_record import OWNER_SUFFIX
+from ._core.primitive import Hold
 from ._core.tiers import Tier, set_tier_check
 from ._diagnostics.diagnose import diagnose
 from ._diagnostics.diagnosis import Diagnosis, Holder, HolderState
@@ -48,6 +49,7 @@ __all__ = [
     "BackendLock",
     "Diagnosis",
     "HeldGroup",
+    "Hold",
     "Holder",
     "HolderState",
     "LockBusy",

@@ -57,4 +57,4 @@ def acquire_all(
         for lock in ordered:
             undo.callback(lock._core.release_if_held)
             lock._take(wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True)
-        return HeldGroup(undo.pop_all(), ordered)
+        return HeldGroup(undo.keep(), ordered)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import grex_locks
-from grex_locks import HolderState, ManifestLock, PackLock, WorkspaceLock
+from grex_locks import Hold, HolderState, ManifestLock, PackLock, WorkspaceLock
 
 DEADLINE = 30.0
 CONFLICT = 75  # flock(1)'s exit status for "held by someone else", asked for with -E
@@ -153,7 +153,7 @@ def test_forked_child_dropping_an_inherited_hold_does_not_unlock_its_own_lock(
 
 
 @pytest.mark.parametrize("how", ["with lock", "with lock.acquire()"])
-@pytest.mark.parametrize("ending", ["sys.exit(0)", "return", "raise"])
+@pytest.mark.parametrize("ending", ["sys.exit(0)", "return", "raise", "release, then return"])
 def test_child_leaving_a_with_block_entered_before_the_fork_touches_nothing(
     tmp_path: Path, how: str, ending: str
 ) -> None:
@@ -161,9 +161,16 @@ def test_child_leaving_a_with_block_entered_before_the_fork_touches_nothing(
     lock = PackLock(tmp_path / "pack")
     parent = os.getpid()
 
-    def inside() -> None:
+    def inside(hold: Hold | None) -> None:
         pid = os.fork()
         if pid == 0:  # the child leaves the with block below, as the parent will
+            if ending == "release, then return":
+                if hold is not None:
+                    hold.release()  # an inherited hold: nothing, however often
+                    hold.release()
+                else:
+                    with pytest.raises(RuntimeError):
+                        lock.release()  # the lock object holds nothing here
             if ending == "sys.exit(0)":
                 sys.exit(0)
             if ending == "raise":
@@ -179,10 +186,10 @@ def test_child_leaving_a_with_block_entered_before_the_fork_touches_nothing(
     def body() -> None:
         if how == "with lock":
             with lock:
-                inside()
+                inside(None)
         else:
-            with lock.acquire():
-                inside()
+            with lock.acquire() as hold:
+                inside(hold)
 
     end_child_if_forked = parent  # after body(), the child (only) ends here, as Python would
     try:

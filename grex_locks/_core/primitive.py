@@ -48,7 +48,7 @@ from .waiting import CancelEvent, is_cancelled, remaining, wait_for
 class Hold(ReleasedOnExit):
     """One acquisition of a lock; a context manager that releases it on exit."""
 
-    __slots__ = ("_core", "_undo", "fd", "shared", "thread")
+    __slots__ = ("_core", "_generation", "_undo", "fd", "shared", "thread")
 
     def __init__(self, core: LockCore, thread: int, shared: bool, fd: int) -> None:
         self._core = core
@@ -56,12 +56,12 @@ class Hold(ReleasedOnExit):
         self.shared = shared
         self.fd = fd
         self._undo: Undo | None = None
+        self._generation = generation.value
 
     @property
     def inherited(self) -> bool:
         """Whether this hold was taken by the parent of this (forked) process."""
-        undo = self._undo
-        return undo is not None and undo.inherited
+        return self._generation != generation.value
 
     @property
     def core_path(self) -> Path:
@@ -72,10 +72,10 @@ class Hold(ReleasedOnExit):
         """Release this hold; only the thread that acquired it may.
 
         In a forked child, releasing (or dropping, or leaving the ``with`` of)
-        a hold inherited from the parent does nothing: the lock is the parent's.
+        a hold inherited from the parent does nothing, however often: the lock
+        is the parent's. (Its undo stack, disarmed, is dropped unrun.)
         """
-        undo = self._undo
-        if undo is not None and undo.inherited:
+        if self._generation != generation.value:
             self._undo = None
             return
         self._core.release_hold(self)

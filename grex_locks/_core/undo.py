@@ -178,15 +178,23 @@ class UndoHandle(ReleasedOnExit):
     thing held, for those messages.
     """
 
-    __slots__ = ("_thread", "_undo", "_what")
+    __slots__ = ("_generation", "_thread", "_undo", "_what")
 
     def __init__(self, undo: Undo, what: str) -> None:
         self._undo: Undo | None = undo
         self._thread = threading.get_ident()
         self._what = what
+        self._generation = generation.value
 
     def release(self) -> None:
-        """Undo the acquire, last step first; only the acquiring thread may, and only once."""
+        """Undo the acquire, last step first; only the acquiring thread may, and only once.
+
+        In a forked child, releasing one inherited from the parent does
+        nothing, however often: what it holds is the parent's.
+        """
+        if self._generation != generation.value:
+            self._undo = None
+            return
         if self._undo is None:
             raise RuntimeError(f"this {self._what} was already released")
         if threading.get_ident() != self._thread:
