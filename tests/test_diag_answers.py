@@ -328,6 +328,21 @@ def test_a_directory_at_the_record_path_is_explained_as_acquire_and_doctor_behav
     assert diagnose(lock).state is HolderState.HELD
 
 
+def test_a_directory_at_the_record_path_of_a_lock_not_yet_created_is_mentioned(
+    tmp_path: Path,
+) -> None:
+    record = tmp_path / ".grex-lock.owner"
+    record.mkdir()
+    d = diagnose(tmp_path)
+    assert d.state is HolderState.FREE
+    assert d.record_file_type == "directory"
+    assert f"`rmdir {record}`" in d.explain()
+    check_words(d)
+    # As it says: the lock is taken all the same.
+    with PackLock(tmp_path).acquire(timeout=0):
+        assert diagnose(tmp_path).state is HolderState.UNKNOWN_HOLDER
+
+
 @pytest.mark.parametrize("planted", ["symlink", "FIFO"])
 def test_a_symlink_or_fifo_at_the_record_path_is_replaced_by_the_next_holder(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, holders: Holders, planted: str

@@ -19,7 +19,7 @@ from .diagnosis import Diagnosis
 from .judge import MODE_UNKNOWN, Probe, judge
 from .kernel_lock_table import KernelLock, KernelLockTable
 from .lock_names import PACK_LOCK, is_lock_name
-from .record_reader import RecordRead, RecordStatus, file_type_of, os_problem, read_record
+from .record_reader import RecordRead, file_type_of, os_problem, read_record
 
 #: How many entries of a directory are looked at to name its other locks.
 _LISTING_LIMIT = 4096
@@ -47,7 +47,9 @@ def inspect(
         try:
             st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
-            return judge(path, None, RecordRead(RecordStatus.MISSING), probe, note=note)
+            # No lock file: only what blocks the record path (a planted
+            # directory, say) is worth a look at the record.
+            return judge(path, None, record or read_record(path), probe, note=note)
         except OSError as exc:
             return probe.unreadable(path, f"cannot look at {path}: {os_problem(exc)}")
     file_type = file_type_of(st.st_mode)

@@ -97,29 +97,37 @@ def _unusable(d: Diagnosis, *, held: bool = False) -> str:
 
 
 def _free(d: Diagnosis) -> str:
-    return f"{d.path} is free{_note(d)}: no process holds it; an acquire succeeds at once."
+    text = f"{d.path} is free{_note(d)}: no process holds it; an acquire succeeds at once."
+    if d.record_file_type:
+        text += f" Note that {_record_obstacle(d)}"
+    return text
 
 
-def _stale(d: Diagnosis) -> str:
+def _record_obstacle(d: Diagnosis) -> str:
+    """What a directory, symlink or FIFO at a free lock's record path means, and its fix."""
     record, kind = _record(d), d.record_file_type
     if kind == "directory":
         return (
-            f"{d.path} is free, but its owner record path {record} is a directory, not a "
-            "record: an acquire still takes the lock, but its holder cannot record itself "
-            "there, so diagnostics will show it as an unknown holder. `grex-locks doctor "
-            "--prune` leaves it alone (it removes only regular-file records): remove it "
-            f"with `rmdir {record}` (once it is empty)."
+            f"its owner record path {record} is a directory, not a record: an acquire still "
+            "takes the lock, but its holder cannot record itself there, so diagnostics will "
+            "show it as an unknown holder. `grex-locks doctor --prune` leaves it alone (it "
+            f"removes only regular-file records): remove it with `rmdir {record}` (once it "
+            "is empty)."
         )
-    if kind:
-        unlink = f"`rm {record}` removes the {kind} itself" + (
-            ", not what it points to" if kind == "symlink" else ""
-        )
-        return (
-            f"{d.path} is free, but a {kind} sits at its owner record path {record}, not a "
-            "record. It is harmless: the next holder replaces it with its own record, never "
-            "writing through it. `grex-locks doctor --prune` leaves it alone (it removes "
-            f"only regular-file records); to clear it now, {unlink}."
-        )
+    unlink = f"`rm {record}` removes the {kind} itself" + (
+        ", not what it points to" if kind == "symlink" else ""
+    )
+    return (
+        f"a {kind} sits at its owner record path {record}, not a record. It is harmless: "
+        "the next holder replaces it with its own record, never writing through it. "
+        "`grex-locks doctor --prune` leaves it alone (it removes only regular-file "
+        f"records); to clear it now, {unlink}."
+    )
+
+
+def _stale(d: Diagnosis) -> str:
+    if d.record_file_type:
+        return f"{d.path} is free, but {_record_obstacle(d)}"
     pid, problem = d.recorded("pid"), d.record_problem
     stale = f"is unreadable ({problem})" if problem else f"names pid {pid}, which does not hold it"
     return (

@@ -247,7 +247,10 @@ def judge(
     }
     if key is None:
         return Diagnosis(
-            state=HolderState.FREE, note=note or "the lock file does not exist", **base
+            state=HolderState.FREE,
+            note=note or "the lock file does not exist",
+            record_file_type=record.file_type,
+            **base,
         )
     if record.status is RecordStatus.MISSING and probe.table.available and key not in probe.table:
         return Diagnosis(state=HolderState.FREE, note=note, **base)  # the common case, cheap
