@@ -2,10 +2,11 @@
 
 The property test runs a *driver* process (:func:`driver_main`, in a fresh
 interpreter that runs only the upper part of this file: no pytest, no
-hypothesis, so a child's interpreter shutdown is a grex user's) that takes a random set of locks — in its main thread by
-``with`` and by ``acquire``, and in helper threads that hold, wait at the
-in-process gate, wait in the kernel, or are frozen part-way through an
-acquire or a release — and then forks from its main thread. The forked
+hypothesis, so a child's interpreter shutdown is a grex user's) that takes
+a random set of locks — in its main thread by ``with`` and by ``acquire``,
+and in helper threads that hold, wait at the in-process gate, wait in the
+kernel, or are frozen part-way through an acquire or a release — and then
+forks from its main thread. The forked
 child runs a random sequence of actions on what it inherited (gc, dropping,
 releasing, leaving ``with`` blocks, taking other locks that reuse the closed
 descriptor numbers, trying the parent's locks) and ends in a random way (a
