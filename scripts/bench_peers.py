@@ -725,6 +725,7 @@ def w_busy_wait(
     assert grex_locks is not None
     scheduler = _busy_scheduler(st, slots_dir, parallel)
     baseline = helper_names()
+    threads_before = threading.active_count()
     took = [float("nan")] * n
     outcomes = [""] * n
     go = threading.Barrier(n + 1, timeout=QUICK_CALL)
@@ -770,6 +771,7 @@ def w_busy_wait(
         "helpers_before": len(baseline),
         "helpers_peak": len(peak),
         "helpers_peak_names": dict(Counter(peak)),
+        "threads_before": threads_before,
         "threads_peak": peak_all,
         "helpers_right_after": right_after,
         "helpers_after_0_5s": len(helper_names()),
