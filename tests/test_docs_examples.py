@@ -196,3 +196,9 @@ def test_readme_links_stay_inside_the_repository() -> None:
     for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", readme):
         assert "://" not in target, f"README links outside the repository: {target}"
         assert (ROOT / target).exists(), f"README links to a missing file: {target}"
+
+
+def test_every_diagnosis_state_is_explained() -> None:
+    page = (ROOT / "docs" / "diagnostics.md").read_text()
+    for state in grex_locks.HolderState:
+        assert f"| `{state.name}` |" in page, f"docs/diagnostics.md does not explain {state.name}"
