@@ -1,38 +1,389 @@
 """Scheduler permits: at most ``parallel`` pack operations at once (tier ``SEMAPHORE``).
 
-Without ``slots_dir`` the bound is this process's: an in-process counting
-gate. With ``slots_dir`` it holds across every process that uses the
-directory: a permit is a slot lock file ``slot-<n>.lock`` taken through the
-one lock primitive (so it has an owner record, and the kernel frees it when
-its holder dies). A waiter for a slot blocks in the kernel on every slot at
-once, one helper thread per slot, and takes the first one granted: a freed
-slot goes to a waiter without any polling delay.
+Without ``slots_dir`` the bound is this process's. With ``slots_dir`` it
+holds across every process that uses the directory: a permit is a slot lock
+file ``slot-<n>.lock`` taken through the one lock primitive (so it has an
+owner record, and the kernel frees it when its holder dies), and the
+directory records its bound in ``scheduler.json`` so that every process
+counts to the same number.
+
+In a process, the threads that want a permit of one bound are served first
+in, first out, through one :class:`~grex_locks._core.fair_queue.FairQueue`.
+In-process bound: the queue admits up to ``parallel`` threads, and admission
+is the permit. Slots directory (one queue for every scheduler object on it),
+where the queue's single place is *the turn* to wait for a slot::
+
+    acquire -> nobody waiting? -yes-> try each slot once -free-> permit
+                    | no                     | all taken
+                    v                        v
+          queue for the turn -------> with the turn: block in the kernel on
+          (waits on its own wake-up)  every slot file at once, take the first
+                                      slot granted, pass the turn on
+
+Only the thread with the turn waits in the kernel, so however many threads
+wait, a process runs at most one helper thread per slot file (each turn takes
+over the kernel waits the previous one left behind), and a slot freed by any
+process — this one included — wakes that thread through the kernel, without
+polling. Attempts inside an acquire diagnose nothing: the one error a caller
+sees is built at the end, and names the slots' holders when first read.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import stat
+import tempfile
 import threading
 import time
 import weakref
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from loguru import logger
 
+from ._core.fair_queue import FairQueue, Ticket
+from ._core.fork import generation
 from ._core.kernel_wait import KernelWait
 from ._core.kernel_wait import kernel_wait as kernel_wait_for
+from ._core.lock_file import FileKey
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier, enter_tier
 from ._core.undo import Undo, UndoHandle
 from ._core.waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
-from .errors import LockBusy, LockCancelled, LockTimeout
+from ._holder_errors import holder_of
+from .errors import LockBusy, LockCancelled, LockIOError, LockTimeout
+
+if TYPE_CHECKING:
+    from ._diagnostics.diagnosis import Diagnosis
+
+#: The file in a slots directory that records its bound: ``{"parallel": N}``.
+BOUND_FILE_NAME = "scheduler.json"
+_BOUND_FILE_MAX = 4096
+
+
+# -- the bound a slots directory records -------------------------------------------------------
+
+
+def _bound_io_error(path: Path, what: str, exc: OSError) -> LockIOError:
+    reason = (
+        "a symlink sits there, and it is never followed"
+        if exc.errno == errno.ELOOP
+        else exc.strerror or str(exc)
+    )
+    error = LockIOError(path, f"cannot {what} {path}: {reason}")
+    error.__cause__ = exc
+    return error
+
+
+def _read_bound(path: Path) -> tuple[int, FileKey] | None:
+    """The bound recorded at ``path`` and the file's identity; ``None`` if there is no record."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _bound_io_error(path, "read the scheduler bound recorded in", exc) from exc
+    try:
+        info = os.fstat(fd)
+        data = os.read(fd, _BOUND_FILE_MAX + 1) if stat.S_ISREG(info.st_mode) else b""
+    except OSError as exc:
+        raise _bound_io_error(path, "read the scheduler bound recorded in", exc) from exc
+    finally:
+        os.close(fd)
+    try:
+        recorded = json.loads(data)["parallel"]
+    except (ValueError, TypeError, KeyError):
+        recorded = None
+    if not stat.S_ISREG(info.st_mode) or type(recorded) is not int or recorded < 0:
+        raise LockIOError(
+            path,
+            f"{path} should record the bound of the slots directory {path.parent} as "
+            f'{{"parallel": N}}, but it holds {data[:80]!r}; once no process uses the '
+            "directory, remove it (the next scheduler records its own bound)",
+        )
+    return recorded, (info.st_dev, info.st_ino)
+
+
+def _record_bound(path: Path, parallel: int) -> tuple[int, FileKey]:
+    """Record ``parallel`` at ``path`` unless a bound is recorded; return the bound that stands.
+
+    The record is written to a private file and hard-linked into place:
+    ``link`` never replaces an existing name (nor follows a symlink planted
+    there), so when processes race, exactly one record wins and every
+    process reads that one. It is made readable by everyone, whatever the
+    umask, and never rewritten.
+    """
+    for _ in range(3):
+        found = _read_bound(path)
+        if found is not None:
+            return found
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, private = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise _bound_io_error(path, "record the scheduler bound in", exc) from exc
+        try:
+            try:
+                os.fchmod(fd, 0o644)
+                os.write(fd, json.dumps({"parallel": parallel}).encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(private, path)
+        except FileExistsError:
+            pass  # another process recorded a bound first: that one stands
+        except OSError as exc:
+            raise _bound_io_error(path, "record the scheduler bound in", exc) from exc
+        finally:
+            try:
+                os.unlink(private)
+            except OSError:
+                logger.debug("could not remove the private file {}", private)
+    raise LockIOError(path, f"the scheduler bound in {path} keeps disappearing")
+
+
+def _check_bound(slots_dir: Path, parallel: int) -> FileKey:
+    """Refuse ``parallel`` unless it is the bound ``slots_dir`` records (recording it if none)."""
+    path = slots_dir / BOUND_FILE_NAME
+    recorded, key = _record_bound(path, parallel)
+    if recorded != parallel:
+        bound = "unbounded (0)" if recorded == 0 else f"bounded to {recorded} permits"
+        raise ValueError(
+            f"Scheduler({parallel}, slots_dir={str(slots_dir)!r}) refused: {slots_dir} is {bound} "
+            f"(recorded in {path.name} there), and counting to {parallel} would break that bound "
+            f"for every process using it; pass parallel={recorded}, or use another slots_dir "
+            f"(to change the bound of {slots_dir}, remove {path} once no process uses it)"
+        )
+    return key
+
+
+# -- errors that name the holders when read ------------------------------------------------------
+
+_Describe = Callable[[], tuple[str, tuple["Diagnosis | None", ...]]]
+#: Serialises describing: an error read by two threads at once is diagnosed once.
+_describing = threading.Lock()
+
+
+def _renew_describing_in_child() -> None:
+    global _describing  # noqa: PLW0603 - a parent thread may have been describing at the fork
+    _describing = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_describing_in_child)
+
+
+class _NamesHoldersWhenRead:
+    """A scheduler's refusal whose holders are diagnosed when the error is first read.
+
+    Diagnosing sixteen slots costs tens of milliseconds, and most callers of
+    ``try_acquire`` catch the error and move on; so ``str()``, ``.holder``,
+    ``.holders`` and pickling describe the holders once, as they are then.
+    """
+
+    _text: str
+    _first: Diagnosis | None
+    _describe: _Describe | None = None
+    _holders: tuple[Diagnosis | None, ...] = ()
+
+    def _described(self) -> None:
+        with _describing:
+            describe, self._describe = self._describe, None
+            if describe is not None:
+                clause, self._holders = describe()
+                self._text += clause
+                if self._first is None:
+                    self._first = next((d for d in self._holders if d is not None), None)
+
+    @property
+    def message(self) -> str:
+        self._described()
+        return self._text
+
+    @message.setter
+    def message(self, text: str) -> None:
+        self._text = text
+
+    @property
+    def holder(self) -> Diagnosis | None:
+        """A diagnosis of the first slot's holder (every slot's is in :attr:`holders`)."""
+        self._described()
+        return self._first
+
+    @holder.setter
+    def holder(self, holder: Diagnosis | None) -> None:
+        self._first = holder
+
+    @property
+    def holders(self) -> tuple[Diagnosis | None, ...]:
+        """One diagnosis per slot file, in slot order (empty without a slots directory)."""
+        self._described()
+        return self._holders
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # LockBusy's or LockTimeout's own, which reads the message (describing it).
+        rebuilt = cast("tuple[Any, ...]", super().__reduce__())
+        return (*rebuilt[:2], {"_holders": self.holders})
+
+
+class PermitsBusy(_NamesHoldersWhenRead, LockBusy):
+    """``LockBusy`` from :meth:`Scheduler.try_acquire`: every permit is out."""
+
+
+class PermitTimeout(_NamesHoldersWhenRead, LockTimeout):
+    """``LockTimeout`` from :meth:`Scheduler.acquire`: no permit came in time."""
+
+
+def _slot_holders(slots: Sequence[tuple[Path, FileKey]]) -> _Describe:
+    def describe() -> tuple[str, tuple[Diagnosis | None, ...]]:
+        diagnoses = tuple(holder_of(path, key) for path, key in slots)
+        parts = []
+        for (path, _), diagnosis in zip(slots, diagnoses, strict=True):
+            summary = diagnosis.holder_summary() if diagnosis is not None else "holder unknown"
+            parts.append(f"{path.name} {summary or 'free now'}")
+        return ": " + "; ".join(parts), diagnoses
+
+    return describe
+
+
+# -- this process's side of a bound ------------------------------------------------------------
+
+
+class _Epoch:
+    """Bumped by :func:`reset_all_after_fork`; with the fork generation, dates a bound's state."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+_epoch = _Epoch()
+
+
+def _now() -> tuple[int, int]:
+    return (generation.value, _epoch.value)
+
+
+class _Permits:
+    """This process's side of one bound: the fair queue its threads wait in, and what is out.
+
+    In-process bound: ``queue`` admits up to ``capacity`` tickets at once,
+    and an admitted ticket *is* a permit. Slots directory: ``queue`` admits
+    one exclusive ticket at a time, the turn to look for a slot — its holder
+    is the head of the line, the only thread that waits in the kernel — and
+    the slot files themselves bound the permits.
+    """
+
+    def __init__(self, capacity: int | None) -> None:
+        self.queue = FairQueue(capacity)
+        #: One entry per permit out in this process: the holding thread's name.
+        self.out: dict[object, str] = {}
+        self.kernel_waiters = 0
+        self.epoch = _now()
+
+
+_shared_mutex = threading.Lock()
+#: One state per slots directory (by its bound file's identity), shared by its schedulers.
+_shared: weakref.WeakValueDictionary[FileKey, _Permits] = weakref.WeakValueDictionary()
+
+
+def _shared_permits(key: FileKey) -> _Permits:
+    with _shared_mutex:
+        permits = _shared.get(key)
+        if permits is None or permits.epoch != _now():
+            permits = _shared[key] = _Permits(None)
+        return permits
+
+
+def _forget_shared_in_child() -> None:
+    global _shared_mutex  # noqa: PLW0603 - a parent thread may have held it at the fork
+    _shared_mutex = threading.Lock()
+    _shared.clear()
+
+
+os.register_at_fork(after_in_child=_forget_shared_in_child)
+
+
+def reset_all_after_fork() -> None:
+    """Forget every scheduler's in-process state, as a forked child does (for recovery tools)."""
+    _epoch.value += 1
+    with _shared_mutex:
+        _shared.clear()
+
+
+class _SlotAttempt:
+    """What one acquire has under way on the slot files, for its undo stack to settle.
+
+    ``tried`` holds each slot from just before its ``take`` until the take is
+    known to have failed, so an interruption at any point still finds a hold
+    it got; ``claims`` holds the undo of each kernel wait claimed.
+    """
+
+    __slots__ = ("claims", "tried")
+
+    def __init__(self) -> None:
+        self.tried: list[LockCore] = []
+        self.claims: list[Undo] = []
+
+    def take(
+        self,
+        core: LockCore,
+        *,
+        wait: bool,
+        deadline: float | None = None,
+        cancel: CancelEvent | None = None,
+        granted_wait: KernelWait | None = None,
+    ) -> Hold | None:
+        self.tried.append(core)
+        hold = core.take(
+            wait=wait, deadline=deadline, cancel=cancel, tier_taken=True, granted_wait=granted_wait
+        )
+        if hold is None:
+            self.tried.pop()
+        return hold
+
+    def settle(self) -> None:
+        """Release the slot taken, then the kernel waits (one adopted by the hold is settled)."""
+        while self.tried:
+            self.tried[-1].release_if_held()
+            self.tried.pop()
+        while self.claims:
+            self.claims[-1].close()
+            self.claims.pop()
+
+
+# -- the public face -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SchedulerStatistics:
+    """A snapshot of a scheduler in this process, for introspection (as trio's ``statistics()``).
+
+    For a slots directory the figures cover every scheduler object of this
+    process on that directory; other processes' permits are not counted.
+    """
+
+    #: The bound on permits out at once, or ``None`` when unbounded.
+    max_parallelism: int | None
+    #: Permits held by threads of this process now.
+    permits_out: int
+    #: Threads of this process waiting for a permit now.
+    threads_waiting: int
+    #: Slot files the head of the line waits on in the kernel now (one helper thread each).
+    kernel_waiters: int
 
 
 class Permit(UndoHandle):
-    """Permission to run one pack operation; a context manager that gives it back."""
+    """Permission to run one pack operation; a context manager that gives it back.
+
+    It lasts until released or until the process ends, even if the program
+    drops every reference to it. In a forked child, releasing a permit taken
+    by the parent does nothing: the parent still holds it.
+    """
 
     __slots__ = ("slot",)
 
@@ -41,77 +392,25 @@ class Permit(UndoHandle):
         #: The slot lock file this permit holds (``None`` for an in-process scheduler).
         self.slot = slot
 
+    def release(self) -> None:
+        """Give the permit back; only the thread that acquired it may, and only once.
 
-@dataclass(eq=False)
-class _Ticket:
-    """One request for a unit of the local gate: waiting, then granted."""
-
-    wake: threading.Event = field(default_factory=threading.Event)
-    granted: bool = False
-
-
-class _LocalSlots:
-    """A first-in, first-out counting gate for the threads of this process."""
-
-    def __init__(self, capacity: int | None) -> None:
-        self._capacity = capacity
-        self._holders: set[_Ticket] = set()
-        self._mutex = threading.Lock()
-        self._queue: deque[_Ticket] = deque()
-        #: Woken on every release: slot waiters re-examine the slot files.
-        self.release_listeners: set[threading.Event] = set()
-
-    def _has_room(self) -> bool:
-        return self._capacity is None or len(self._holders) < self._capacity
-
-    def enter(
-        self, undo: Undo, *, wait: bool, deadline: float | None, cancel: CancelEvent | None
-    ) -> bool:
-        """Take one unit, waiting in line if ``wait``; False if none was granted.
-
-        As at the lock gate, the undo is registered before anything changes
-        and undoes whatever stage was reached.
+        In a forked child, releasing a permit inherited from the parent does
+        nothing, however often: the parent holds it.
         """
-        ticket = _Ticket()
-        undo.callback(self._leave, ticket)
-        with self._mutex:
-            if not self._queue and self._has_room():
-                self._grant(ticket)
-                return True
-            if not wait:
-                return False
-            self._queue.append(ticket)
-        wait_for(ticket.wake, deadline, cancel)
-        return ticket.granted
-
-    def _grant(self, ticket: _Ticket) -> None:
-        self._holders.add(ticket)
-        ticket.granted = True
-        ticket.wake.set()
-
-    def _leave(self, ticket: _Ticket) -> None:
-        with self._mutex:
-            if ticket in self._queue:
-                self._queue.remove(ticket)
-                return
-            if ticket not in self._holders:
-                return
-            self._holders.discard(ticket)
-            # Hand the unit straight to the next in line.
-            while self._queue and self._has_room():
-                self._grant(self._queue.popleft())
-            listeners = list(self.release_listeners)
-        for listener in listeners:
-            listener.set()
-
-    def reset_after_fork(self) -> None:
-        self._mutex = threading.Lock()
-        self._holders.clear()
-        self._queue.clear()
-        self.release_listeners.clear()
+        super().release()
+        _held_until_released.pop(self, None)
 
 
-_live_schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+#: Every permit handed out and not yet released: a permit lasts until released
+#: even if the program keeps no reference to it. Its steps stay on an ordinary
+#: stack until the last statement before the permit is returned (a dict store,
+#: where no signal handler can run): an interruption anywhere before that leaves
+#: a stack nobody references, which unwinds itself, instead of a permit held
+#: for good that no caller ever received.
+_held_until_released: dict[Permit, None] = {}
+
+os.register_at_fork(after_in_child=_held_until_released.clear)
 
 
 class Scheduler:
@@ -121,6 +420,17 @@ class Scheduler:
     the bound holds across every process using that directory, and the
     scheduler pickles as ``(parallel, slots_dir)``; without it the scheduler
     is this process's alone and refuses to pickle.
+
+    A slots directory has one bound: the first scheduler on it records its
+    ``parallel`` in ``<slots_dir>/scheduler.json``, and a scheduler passing
+    another count is refused with a ``ValueError`` that names both. (Were each
+    process to count to its own number, ``Scheduler(2)`` next to
+    ``Scheduler(4)`` would let four permits out.) The record is never
+    rewritten: to change a directory's bound, remove the file once no
+    process uses the directory, or use another directory.
+
+    Threads of one process are served first in, first out; across processes
+    the kernel decides who gets a freed slot.
     """
 
     def __init__(self, parallel: int, *, slots_dir: str | os.PathLike[str] | None = None) -> None:
@@ -130,16 +440,35 @@ class Scheduler:
             logger.warning("Scheduler(parallel=0): no bound on parallel pack operations")
         self._parallel = parallel
         self._slots_dir = Path(slots_dir).absolute() if slots_dir is not None else None
-        self._local = _LocalSlots(parallel or None)
         self._slots: list[LockCore] = []
-        if self._slots_dir is not None and parallel:
-            self._slots = [
-                LockCore(
-                    self._slots_dir / f"slot-{n}.lock", tier=Tier.SEMAPHORE, kind="scheduler slot"
-                )
-                for n in range(parallel)
-            ]
-        _live_schedulers.add(self)
+        self._shared_key: FileKey | None = None
+        if self._slots_dir is not None:
+            key = _check_bound(self._slots_dir, parallel)
+            if parallel:
+                self._shared_key = key
+                self._slots = [
+                    LockCore(
+                        self._slots_dir / f"slot-{n}.lock",
+                        tier=Tier.SEMAPHORE,
+                        kind="scheduler slot",
+                    )
+                    for n in range(parallel)
+                ]
+        self._slot_files = [(core.path, core.key) for core in self._slots]
+        where = f", slots_dir={str(self._slots_dir)!r}" if self._slots_dir else ""
+        self._repr = f"Scheduler({parallel}{where})"
+        self._permits_now = self._new_permits()
+
+    def _new_permits(self) -> _Permits:
+        if self._shared_key is not None:
+            return _shared_permits(self._shared_key)
+        return _Permits(self._parallel or None)
+
+    def _permits(self) -> _Permits:
+        """This process's state of the bound; a fresh one in a forked child."""
+        if self._permits_now.epoch != _now():
+            self._permits_now = self._new_permits()
+        return self._permits_now
 
     @property
     def max_parallelism(self) -> int | None:
@@ -151,109 +480,187 @@ class Scheduler:
         """The directory whose slot files carry the bound across processes, if any."""
         return self._slots_dir
 
+    def statistics(self) -> SchedulerStatistics:
+        """Permits out, threads waiting and kernel waits in this process, now."""
+        permits = self._permits()
+        queued = permits.queue.statistics()
+        # For a slots directory, the queue's holder is the head of the line, still waiting.
+        waiting = queued.waiting + (queued.holders if self._slots else 0)
+        return SchedulerStatistics(
+            max_parallelism=self.max_parallelism,
+            permits_out=len(permits.out),
+            threads_waiting=waiting,
+            kernel_waiters=permits.kernel_waiters,
+        )
+
     def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Permit:
         """Wait for a permit; raise :class:`LockTimeout` or :class:`LockCancelled` if none comes."""
-        return self._acquire(wait=True, deadline=deadline_after(timeout), cancel=cancel)
+        permit = self._acquire(wait=True, deadline=deadline_after(timeout), cancel=cancel)
+        _held_until_released[permit] = None
+        return permit
 
     def try_acquire(self) -> Permit:
         """Take a permit if one is free now; raise :class:`LockBusy` otherwise."""
-        return self._acquire(wait=False, deadline=None, cancel=None)
+        permit = self._acquire(wait=False, deadline=None, cancel=None)
+        _held_until_released[permit] = None
+        return permit
 
     def _acquire(self, *, wait: bool, deadline: float | None, cancel: CancelEvent | None) -> Permit:
         if is_cancelled(cancel):
             raise LockCancelled(self._slots_dir, f"waiting for a permit of {self} was cancelled")
         started = time.monotonic()
+        permits = self._permits()
+        token = object()
         with Undo() as undo:
             enter_tier(undo, Tier.SEMAPHORE, self._slots_dir)
-            if not self._local.enter(undo, wait=wait, deadline=deadline, cancel=cancel):
-                raise self._refusal(wait, started, cancel)
+            undo.callback(permits.out.pop, token, None)
             slot: Path | None = None
-            if self._slots:
-                for core in self._slots:
-                    undo.callback(core.release_if_held)
+            if not self._slots:
+                ticket = Ticket(threading.get_ident(), False)
+                undo.callback(permits.queue.leave, ticket)
+                if not permits.queue.enter(ticket, wait=wait, deadline=deadline, cancel=cancel):
+                    raise self._refusal(permits, wait, started, cancel)
+            else:
+                attempt = _SlotAttempt()
+                undo.callback(attempt.settle)
                 hold = self._take_slot(
-                    undo, wait=wait, deadline=deadline, cancel=cancel, started=started
+                    permits, undo, attempt, wait=wait, deadline=deadline, cancel=cancel
                 )
+                if hold is None:
+                    raise self._refusal(permits, wait, started, cancel)
                 slot = hold.core_path
+            permits.out[token] = threading.current_thread().name
             return Permit(undo.pop_all(), slot)
+
+    # -- a slots directory ---------------------------------------------------------------------
 
     def _take_slot(
         self,
+        permits: _Permits,
         undo: Undo,
+        attempt: _SlotAttempt,
         *,
         wait: bool,
         deadline: float | None,
         cancel: CancelEvent | None,
-        started: float,
-    ) -> Hold:
-        while True:
-            for core in self._slots:
-                hold = core.take(wait=False, tier_taken=True)
-                if hold is not None:
-                    return hold
-            if not wait or remaining(deadline) == 0.0 or is_cancelled(cancel):
-                raise self._refusal(wait, started, cancel)
-            granted = self._wait_for_any_slot(undo, deadline, cancel)
-            if granted is not None:
-                core, kernel_wait = granted
-                hold = core.take(wait=False, tier_taken=True, granted_wait=kernel_wait)
-                if hold is not None:
-                    return hold
-                # Another thread of ours passed the slot's gate first: look again.
+    ) -> Hold | None:
+        """A slot: at once if no thread of ours waits, else in turn; ``None`` if not granted.
 
-    def _wait_for_any_slot(
-        self, undo: Undo, deadline: float | None, cancel: CancelEvent | None
-    ) -> tuple[LockCore, KernelWait] | None:
-        """Block in the kernel on every slot at once; return the first one granted, if any.
+        Threads look at the slot files without queueing while nobody waits;
+        once one finds them all taken, it takes the turn (the queue's one
+        place) and waits in the kernel, and later threads queue behind it.
+        """
+        turn = permits.queue
+        looked = False
+        if not turn.in_use:
+            hold = self._first_free_slot(attempt)
+            if hold is not None or not wait:
+                return hold
+            looked = True
+        elif not wait:
+            return None
+        ticket = Ticket(threading.get_ident(), True)
+        undo.callback(turn.leave, ticket)
+        try:
+            if not turn.enter(ticket, wait=False):
+                looked = False
+                if not turn.enter(ticket, wait=True, deadline=deadline, cancel=cancel):
+                    return None
+            if remaining(deadline) == 0.0 or is_cancelled(cancel):
+                return None
+            hold = None if looked else self._first_free_slot(attempt)
+            if hold is None:
+                hold = self._wait_in_kernel(permits, attempt, deadline, cancel)
+            return hold
+        finally:
+            turn.leave(ticket)  # the next thread's turn, now
 
-        Also returns (None) when a permit of this process is given back, so the
-        caller looks at the slot files again. Every wait but the returned one
-        is settled here (released or abandoned); each is registered on
-        ``undo`` too, so an interruption settles them all.
+    def _first_free_slot(self, attempt: _SlotAttempt) -> Hold | None:
+        """Try each slot once, without waiting and without diagnosing anyone."""
+        for core in self._slots:
+            hold = attempt.take(core, wait=False)
+            if hold is not None:
+                return hold
+        return None
+
+    def _wait_in_kernel(
+        self,
+        permits: _Permits,
+        attempt: _SlotAttempt,
+        deadline: float | None,
+        cancel: CancelEvent | None,
+    ) -> Hold | None:
+        """Having the turn, block in the kernel on every slot; take the first one granted.
+
+        Each slot's kernel wait is a helper thread that the previous turn left
+        behind, taken over, or a new one; every wait but the one taken is
+        left behind again for the next turn (or released, if the kernel
+        granted it too). Returns ``None`` only when the deadline passed or
+        ``cancel`` was set.
         """
         wake = threading.Event()
-        self._local.release_listeners.add(wake)
-        waits: list[tuple[LockCore, KernelWait]] = []
+        waits: list[tuple[LockCore, KernelWait, Undo]] = []
+        chosen: tuple[LockCore, KernelWait, Undo] | None = None
         try:
             for core in self._slots:
+                own = Undo()
+                attempt.claims.append(own)
                 kernel_wait = kernel_wait_for(
-                    core.descriptor(), core.path, core.key, undo, shared=False, wake=wake
+                    core.descriptor(), core.path, core.key, own, shared=False, wake=wake
                 )
-                waits.append((core, kernel_wait))
+                waits.append((core, kernel_wait, own))
                 kernel_wait.start()
-            wait_for(wake, deadline, cancel)
+            permits.kernel_waiters = len(waits)
+            while chosen is None:
+                chosen = next((w for w in waits if w[1].granted()), None)
+                if chosen is None:
+                    if remaining(deadline) == 0.0 or is_cancelled(cancel):
+                        return None
+                    wait_for(wake, deadline, cancel)
+                    wake.clear()
         finally:
-            self._local.release_listeners.discard(wake)
-        chosen: tuple[LockCore, KernelWait] | None = None
-        for core, kernel_wait in waits:
-            if chosen is None and kernel_wait.granted():
-                chosen = (core, kernel_wait)
-            else:
-                kernel_wait.settle()
-        return chosen
+            permits.kernel_waiters = 0
+            for waiting in waits:
+                if waiting is not chosen:
+                    waiting[2].close()
+                    attempt.claims.remove(waiting[2])
+        core, kernel_wait, _ = chosen
+        return attempt.take(
+            core, wait=True, deadline=deadline, cancel=cancel, granted_wait=kernel_wait
+        )
+
+    # -- refusals --------------------------------------------------------------------------------
 
     def _refusal(
-        self, wait: bool, started: float, cancel: CancelEvent | None
+        self, permits: _Permits, wait: bool, started: float, cancel: CancelEvent | None
     ) -> LockBusy | LockTimeout | LockCancelled:
+        """The one error a caller sees; the slots' holders are diagnosed only when it is read."""
         waited = time.monotonic() - started
-        if not wait:
-            return LockBusy(self._slots_dir, f"all {self._parallel} permits of {self} are in use")
-        if is_cancelled(cancel):
+        if wait and is_cancelled(cancel):
             return LockCancelled(
                 self._slots_dir,
                 f"waiting for a permit of {self} was cancelled after {waited:.3f} s",
             )
-        return LockTimeout(
-            self._slots_dir,
-            f"timed out after {waited:.3f} s waiting for a permit of {self} "
-            f"(all {self._parallel} in use)",
-            None,
-            waited,
-        )
-
-    def reset_after_fork(self) -> None:
-        """In a forked child: no permits out (slot files are reset with every lock)."""
-        self._local.reset_after_fork()
+        clause = ""
+        if not self._slots:
+            names = list(permits.out.values())
+            clause = f": held by threads {', '.join(names)} of this process" if names else ""
+        error: PermitsBusy | PermitTimeout
+        if not wait:
+            error = PermitsBusy(
+                self._slots_dir, f"all {self._parallel} permits of {self} are in use{clause}"
+            )
+        else:
+            error = PermitTimeout(
+                self._slots_dir,
+                f"timed out after {waited:.3f} s waiting for a permit of {self} "
+                f"(all {self._parallel} in use){clause}",
+                None,
+                waited,
+            )
+        if self._slots:
+            error._describe = _slot_holders(self._slot_files)
+        return error
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._slots_dir is None:
@@ -264,18 +671,8 @@ class Scheduler:
         return (_rebuild, (self._parallel, self._slots_dir))
 
     def __repr__(self) -> str:
-        where = f", slots_dir={str(self._slots_dir)!r}" if self._slots_dir else ""
-        return f"Scheduler({self._parallel}{where})"
+        return self._repr
 
 
 def _rebuild(parallel: int, slots_dir: Path) -> Scheduler:
     return Scheduler(parallel, slots_dir=slots_dir)
-
-
-def reset_all_after_fork() -> None:
-    """Reset every live scheduler in a forked child."""
-    for scheduler in list(_live_schedulers):
-        scheduler.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=reset_all_after_fork)

@@ -293,8 +293,8 @@ def test_parallel_zero_is_unbounded_and_logs_a_warning() -> None:
 def test_max_parallelism_is_the_bound(tmp_path: Path) -> None:
     assert Scheduler(1).max_parallelism == 1
     assert Scheduler(7).max_parallelism == 7
-    assert Scheduler(3, slots_dir=tmp_path).max_parallelism == 3
-    assert Scheduler(0, slots_dir=tmp_path).max_parallelism is None
+    assert Scheduler(3, slots_dir=tmp_path / "three").max_parallelism == 3
+    assert Scheduler(0, slots_dir=tmp_path / "unbounded").max_parallelism is None
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises((ValueError, TypeError)):
             Scheduler(bad)  # type: ignore[arg-type]
