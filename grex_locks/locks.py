@@ -152,7 +152,7 @@ class _FileLock:
         return hold.fd
 
     def __enter__(self) -> _FileLock:
-        self._entered[threading.get_ident()] = self.acquire()
+        self._entered[threading.get_ident()] = self._take(wait=self._waits)
         return self
 
     def __exit__(
@@ -162,9 +162,12 @@ class _FileLock:
         tb: TracebackType | None,
     ) -> None:
         hold = self._entered.pop(threading.get_ident(), None)
-        if hold is not None and hold.inherited:
-            return  # a `with` entered before a fork, left in the child: the parent's hold
-        self.release()
+        if hold is None:
+            self.release()
+        else:
+            # A `with` entered before a fork and left in the child releases
+            # nothing: Hold.release knows an inherited hold.
+            hold.release()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A lock travels as its constructor argument, never as a held lock.

@@ -17,8 +17,9 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -312,3 +313,52 @@ def test_a_record_path_that_cannot_hold_a_record_never_stops_the_lock(
     assert outside.read_bytes() == b"precious"
     if planted == "directory":
         assert record.is_dir()
+
+
+PROTECTED_REGULAR = Path("/proc/sys/fs/protected_regular")
+
+
+@pytest.fixture
+def protected_regular() -> Iterator[None]:
+    """``fs.protected_regular=1`` (many distributions' default) for the test's duration."""
+    if os.geteuid() != 0 or not os.access(PROTECTED_REGULAR, os.W_OK):
+        pytest.skip("needs root and a writable /proc/sys/fs/protected_regular")
+    before = PROTECTED_REGULAR.read_text()
+    PROTECTED_REGULAR.write_text("1")
+    try:
+        yield
+    finally:
+        PROTECTED_REGULAR.write_text(before)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv(1)")
+def test_another_users_lock_file_in_a_sticky_directory_opens_under_protected_regular(
+    request: pytest.FixtureRequest, protected_regular: None
+) -> None:
+    """An O_CREAT open of another user's file in a sticky world-writable directory
+    fails with EACCES under fs.protected_regular, even for root: existing lock
+    files must be opened without it, or one user locks the others out."""
+    # Outside pytest's own directory, which only root may enter.
+    shared = Path(tempfile.mkdtemp(prefix="grex-sticky-"))
+    shared.chmod(0o1777)
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    take = "import sys, grex_locks\nwith grex_locks.ManifestLock(sys.argv[1]).write(): pass\n"
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    lock_file = shared / "m.lock"
+    subprocess.run([*as_nobody, sys.executable, "-c", take, str(lock_file)], check=True)
+    assert lock_file.stat().st_uid == 65534
+    # flock(1) itself opens with O_CREAT, which protected_regular refuses here.
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "try:\n"
+        "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except BlockingIOError:\n"
+        "    sys.exit(75)\n"
+    )
+    with ManifestLock(lock_file).write():
+        busy = subprocess.run([sys.executable, "-c", probe, str(lock_file)], check=False)
+        assert busy.returncode == CONFLICT
+        record = record_of(lock_file)
+        assert record is not None
+        assert record["pid"] == os.getpid()

@@ -92,7 +92,6 @@ class FairQueue:
     def enter(
         self,
         ticket: Ticket,
-        *,
         wait: bool,
         deadline: float | None = None,
         cancel: CancelEvent | None = None,
@@ -105,9 +104,10 @@ class FairQueue:
         bytecodes included) is undone by it. Returns whether it was admitted;
         ``watch`` names the wait for the slow-wait log.
         """
-        self._renew_if_forked()
+        if self._generation != generation.value:
+            self._renew_if_forked()
         with self._mutex:
-            if not self._waiting and self._admits(ticket):
+            if not self._waiting and (not self._holders or self._admits(ticket)):
                 # In the holders first: an interruption between the two lines
                 # leaves a holder that leave() removes, never a lost one.
                 self._holders.add(ticket)
@@ -137,7 +137,8 @@ class FairQueue:
                 self._holders.discard(ticket)
             elif ticket.wake is not None and ticket in self._waiting:
                 self._waiting.remove(ticket)
-            self._serve()
+            if self._waiting:
+                self._serve()
 
     def _serve(self) -> None:
         # A departure (even of a waiter that gave up) may let the next ones in.

@@ -20,7 +20,7 @@ from grex_locks.errors import LockIOError
 #: (st_dev, st_ino): what makes two spellings of a path the same lock.
 FileKey = tuple[int, int]
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # flock needs no write access, so a read-only open lets anyone who can read a
 # shared lock file take the lock; O_NONBLOCK keeps a FIFO planted at the path
 # from hanging the open (it is refused just below, as not a regular file).
@@ -50,6 +50,22 @@ def _refusal(path: Path, exc: OSError) -> LockIOError:
     return LockIOError(path, f"cannot open lock file {path}: {reason}")
 
 
+def _open_or_create(path: Path) -> int:
+    # An existing file is opened *without* O_CREAT: with fs.protected_regular
+    # (the default on many distributions) an O_CREAT open of another user's
+    # file in a sticky world-writable directory fails with EACCES, even for
+    # root, and one user would lock the others out of a shared workspace.
+    while True:
+        try:
+            return os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            pass
+        try:
+            return os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue  # created by someone else just now: open theirs
+
+
 def open_lock_file(path: Path, *, make_parents: bool = True) -> int:
     """Open (creating if needed) the lock file at ``path``; return the descriptor.
 
@@ -60,7 +76,7 @@ def open_lock_file(path: Path, *, make_parents: bool = True) -> int:
     try:
         if make_parents:
             path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, _OPEN_FLAGS, 0o666)
+        fd = _open_or_create(path)
     except OSError as exc:
         raise _refusal(path, exc) from exc
     try:
@@ -70,6 +86,9 @@ def open_lock_file(path: Path, *, make_parents: bool = True) -> int:
         raise _refusal(path, exc) from exc
     if not stat.S_ISREG(mode):
         os.close(fd)
+        if stat.S_ISDIR(mode):
+            cause = OSError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            raise _refusal(path, cause) from cause
         raise LockIOError(path, f"cannot use {path} as a lock file: it is not a regular file")
     _owned.add(fd)
     return fd

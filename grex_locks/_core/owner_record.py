@@ -34,10 +34,10 @@ import os
 import socket
 import stat
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
+from threading import current_thread
 
 import psutil
 from loguru import logger
@@ -50,7 +50,6 @@ OWNER_SUFFIX = ".owner"
 #: padding it with spaces would cost a write of its whole size on every hold.
 MAX_RECORD_BYTES = 64 * 1024
 
-_CHECK_MEMBER = b',"check":"'
 _OPEN_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _counter = itertools.count()
 
@@ -62,7 +61,7 @@ def record_path(lock_path: Path) -> Path:
 
 def with_check(text: bytes) -> bytes:
     """Close the record ``text`` (a JSON object missing its ``}``) with its check member."""
-    return b'%s%s%08x"}' % (text, _CHECK_MEMBER, zlib.crc32(text))
+    return b'%s,"check":"%08x"}' % (text, zlib.crc32(text))
 
 
 class _ProcessFacts:
@@ -98,16 +97,21 @@ def _facts_now() -> _ProcessFacts:
 
 
 @functools.lru_cache(maxsize=1024)
-def _record_head(facts: _ProcessFacts, thread_name: str, tier: int) -> str:
+def _record_head(facts: _ProcessFacts, thread_name: str, tier: int) -> bytes:
     # Everything but the time, for one thread and tier: encoding the same
     # names on every acquire would cost as much as the write that follows.
-    return f'{facts.prefix},"thread":{json.dumps(thread_name)},"tier":{tier},"acquired_at":'
+    text = f'{facts.prefix},"thread":{json.dumps(thread_name)},"tier":{tier},"acquired_at":'
+    return text.encode()
 
 
 def encode_record(tier: int) -> bytes:
     """This thread's owner record, now, for a lock of ``tier``."""
-    head = _record_head(_facts_now(), threading.current_thread().name, tier)
-    return with_check(f"{head}{time.time()!r}".encode())
+    facts = _facts
+    if facts is None or facts.generation != generation.value:
+        facts = _facts_now()
+    # Microseconds: a float's shortest repr costs more than the write itself.
+    text = b"%s%.6f" % (_record_head(facts, current_thread().name, tier), time.time())
+    return b'%s,"check":"%08x"}' % (text, zlib.crc32(text))
 
 
 class RecordFile:
@@ -137,7 +141,17 @@ class RecordFile:
         """
         try:
             data = encode_record(tier)
-            fd, size = self._usable_descriptor()
+            fd = self._fd
+            if fd is not None and self._generation == generation.value:
+                st = os.fstat(fd)
+                # One link: still the file at the record path (a rename over
+                # it, or an unlink by `doctor --prune`, leaves ours with none).
+                if st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
+                    size = st.st_size
+                else:
+                    fd, size = self._usable_descriptor()
+            else:
+                fd, size = self._usable_descriptor()
             if size > len(data):
                 data += b" " * (size - len(data))
             # Set before the write: an interruption right after it must still
@@ -171,19 +185,12 @@ class RecordFile:
             lock_file.close(fd)
 
     def _usable_descriptor(self) -> tuple[int, int]:
-        """A descriptor on the file at the record path, fit to overwrite, and its size."""
+        """A new descriptor on the file at the record path, fit to overwrite, and its size."""
         if self._generation != generation.value:
             # Inherited across a fork: that descriptor was closed in this child.
             self._fd = None
             self._generation = generation.value
-        fd = self._fd
-        if fd is not None:
-            st = os.fstat(fd)
-            # One link: still the file at the record path (a rename over it or
-            # an unlink by `doctor --prune` leaves ours with none).
-            if st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
-                return fd, st.st_size
-            self.close()
+        self.close()
         fd = self._open_in_place()
         if fd is None:
             fd = self._replace()

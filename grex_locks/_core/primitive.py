@@ -26,8 +26,10 @@ diagnosis of the holder) for its caller.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
+from threading import get_ident
 from typing import NoReturn
 
 from grex_locks.errors import LockBusy
@@ -166,13 +168,16 @@ class LockCore:
         Checked first, before the tier order: taking a lock twice is a
         self-deadlock whatever the tiers say.
         """
-        me = threading.get_ident()
+        me = get_ident()
         if me in self._holds or self.queue.held_by(me):
-            raise self.busy_error(
-                self.path,
-                f"{self.kind} {self.path} is already held by this thread "
-                "(taking it again would deadlock on itself)",
-            )
+            raise self._reentry_error()
+
+    def _reentry_error(self) -> LockBusy:
+        return self.busy_error(
+            self.path,
+            f"{self.kind} {self.path} is already held by this thread "
+            "(taking it again would deadlock on itself)",
+        )
 
     def take(
         self,
@@ -196,39 +201,55 @@ class LockCore:
         adopts its descriptor, and releases it with the hold — or at once,
         if the acquire fails.
         """
-        self._renew_if_forked()
-        if is_cancelled(cancel):
+        if self._generation != generation.value:
+            self._renew_if_forked()
+        if cancel is not None and is_cancelled(cancel):
             if granted_wait is not None:
                 granted_wait.settle()
             return None
-        me = threading.get_ident()
-        self.refuse_reentry()
+        me = get_ident()
+        queue = self.queue
+        if me in self._holds or (queue._holders and queue.held_by(me)):
+            raise self._reentry_error()
         ticket = Ticket(me, not shared)
-        with Undo() as undo:
-            # First in, so last out: a release cut short by an interruption
-            # leaves the hold findable, and release() again finishes it.
-            undo.callback(self._holds.pop, me, None)
+        undo = Undo()
+        # Each step's undo goes on the stack *before* the step acts, so that
+        # an exception at any point (KeyboardInterrupt included) unwinds
+        # exactly what was done. First in, so last out: a release cut short
+        # leaves the hold findable, and release() again finishes it.
+        push = undo._steps.append  # Undo.push without the call: this is the hot path
+        try:
+            push((self._holds.pop, (me, None)))
             if granted_wait is not None:
-                undo.callback(granted_wait.settle)
+                push((granted_wait.settle, ()))
             if not tier_taken:
                 enter_tier(undo, self.tier, self.path)
-            undo.callback(self.queue.leave, ticket)
-            if not self.queue.enter(
+            queue = self.queue
+            push((queue.leave, (ticket,)))
+            if not queue.enter(
                 ticket, wait=wait, deadline=deadline, cancel=cancel, watch=self._watch
             ):
+                undo.close_fully()
                 return None
             if granted_wait is not None:
                 fd: int | None = granted_wait.fd
             else:
                 fd = self._lock_os(undo, shared=shared, wait=wait, deadline=deadline, cancel=cancel)
             if fd is None:
+                undo.close_fully()
                 return None
             if not shared:
-                undo.callback(self._record.blank)
-                self._record.write(self.tier)
+                record = self._record
+                push((record.blank, ()))
+                record.write(self.tier)
             hold = Hold(self, me, shared, fd)
             self._holds[me] = hold
             hold._undo = undo.keep()
+        except BaseException:
+            # The error that stopped the acquire is the one to see, not an undo's.
+            with contextlib.suppress(BaseException):
+                undo.close_fully()
+            raise
         return hold
 
     def _lock_os(
@@ -241,10 +262,23 @@ class LockCore:
         cancel: CancelEvent | None,
     ) -> int | None:
         """Take the flock; return the descriptor that holds it, or None if not granted."""
-        fd = self._take_descriptor(undo)
+        # This object's descriptor, or a private one while another thread uses
+        # it: two holds must never share an open file description (unlocking
+        # one would unlock the other).
+        fd = self._fd if self._fd is not None else self.descriptor()
+        token = object()
+        with self._fd_mutex:
+            claimed = self._fd_claim is None
+            if claimed:
+                undo._steps.append((self._free_descriptor, (token,)))
+                self._fd_claim = token
+        if not claimed:
+            handle = [lockfile.reopen(fd, self.path)]
+            undo.push(lockfile.close_once, handle)
+            fd = handle[0]
         # Registered before locking, so no interruption can leave the lock
         # taken with no undo; unlocking our own unlocked description is harmless.
-        undo.callback(oslock.unlock, fd, self.path)
+        undo._steps.append((oslock.unlock, (fd, self.path)))
         if oslock.try_lock(fd, self.path, shared=shared):
             return fd
         if not wait or remaining(deadline) == 0.0:
@@ -267,23 +301,6 @@ class LockCore:
             self._fd = lockfile.open_lock_file(self.path)
         return self._fd
 
-    def _take_descriptor(self, undo: Undo) -> int:
-        """This object's descriptor, or a private one while another thread uses it.
-
-        Two holds must never share an open file description: unlocking one
-        would unlock the other.
-        """
-        own = self.descriptor()
-        token = object()
-        with self._fd_mutex:
-            if self._fd_claim is None:
-                undo.callback(self._free_descriptor, token)
-                self._fd_claim = token
-                return own
-        handle = [lockfile.reopen(own, self.path)]
-        undo.callback(lockfile.close_once, handle)
-        return handle[0]
-
     def _free_descriptor(self, token: object) -> None:
         with self._fd_mutex:
             if self._fd_claim is token:
@@ -293,8 +310,9 @@ class LockCore:
 
     def release_hold(self, hold: Hold | None = None) -> None:
         """Release the calling thread's hold (or ``hold``), undoing its acquire in reverse."""
-        self._renew_if_forked()
-        me = threading.get_ident()
+        if self._generation != generation.value:
+            self._renew_if_forked()
+        me = get_ident()
         current = self._holds.get(me)
         if hold is None:
             hold = current
@@ -310,7 +328,7 @@ class LockCore:
         try:
             undo.close_fully()
         finally:
-            if not undo.pending:
+            if not undo._steps:
                 hold._undo = None
 
     def _not_this_thread(self) -> RuntimeError:

@@ -105,7 +105,7 @@ def enter_tier(stack: Undo, tier: Tier, path: Path | None) -> None:
             warnings.warn(str(violation), TierOrderWarning, stacklevel=_callers_level())
             logger.error("{}", violation)
     token = object()
-    stack.callback(_pop_tier, token)
+    stack.push(_pop_tier, token)
     _held.set((*held, (tier, token)))
 
 

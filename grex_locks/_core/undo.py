@@ -44,9 +44,11 @@ class Undo:
         self._steps: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._generation = generation.value
 
-    def callback(self, fn: Callable[..., Any], /, *args: Any) -> None:
+    def push(self, fn: Callable[..., Any], /, *args: Any) -> None:
         """Register ``fn(*args)`` to run when this stack unwinds."""
         self._steps.append((fn, args))
+
+    callback = push
 
     def pop_all(self) -> Undo:
         """Move every callback to a new stack (the acquire succeeded; keep them for release)."""
@@ -57,10 +59,15 @@ class Undo:
         return moved
 
     def keep(self) -> Undo:
-        """:meth:`pop_all` into a stack that stays alive until closed: the acquire's hold."""
-        moved = self.pop_all()
-        _holding.add(moved)
-        return moved
+        """Keep this stack, and what it holds, alive until it is closed; return it.
+
+        Inside ``with Undo() as undo:``, ``return Handle(undo.keep())`` is
+        safe at every bytecode: an exception before the ``with`` is left
+        (an interruption in the handle's constructor, say) closes the stack,
+        and a normal exit leaves a kept stack as it is.
+        """
+        _holding.add(self)
+        return self
 
     @property
     def inherited(self) -> bool:
@@ -140,7 +147,8 @@ class Undo:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
-            self.close_fully()
+            if self not in _holding:
+                self.close_fully()
             return
         # The exception that left the block is the one to see, not an undo's.
         with contextlib.suppress(BaseException):
