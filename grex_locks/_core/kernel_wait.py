@@ -27,6 +27,7 @@ from . import os_lock as oslock
 from .lock_file import FileKey
 from .threads import start_daemon
 from .undo import Undo
+from .waiting import Waitable, Wake
 
 _IdleKey = tuple[FileKey, bool]
 _idle_mutex = threading.Lock()
@@ -46,7 +47,7 @@ class _Helper:
         self.shared = shared
         self.mutex = threading.Lock()
         self.owner: KernelWait | None = None
-        self.wake = threading.Event()
+        self.wake: Waitable = Wake()
         self.started = False
         self.finished = False
         self.granted = False
@@ -93,7 +94,7 @@ class KernelWait:
     It is idempotent, and does nothing once another taker owns the helper.
     """
 
-    def __init__(self, helper: _Helper, wake: threading.Event) -> None:
+    def __init__(self, helper: _Helper, wake: Waitable) -> None:
         self._helper = helper
         self.wake = wake
         self.fd = helper.fd
@@ -145,7 +146,7 @@ class KernelWait:
             lockfile.close_once(helper.handle)
 
 
-def _claim(helper: _Helper, wake: threading.Event, undo: Undo) -> KernelWait | None:
+def _claim(helper: _Helper, wake: Waitable, undo: Undo) -> KernelWait | None:
     with helper.mutex:
         if helper.owner is not None or helper.finished:
             return None
@@ -165,13 +166,13 @@ def kernel_wait(
     undo: Undo,
     *,
     shared: bool,
-    wake: threading.Event | None = None,
+    wake: Waitable | None = None,
 ) -> KernelWait:
     """Claim a kernel wait for the file behind ``fd``: a left-behind helper, or a new one.
 
     The claim's :meth:`KernelWait.settle` is registered on ``undo``.
     """
-    wake = wake if wake is not None else threading.Event()
+    wake = wake if wake is not None else Wake()
     with _idle_mutex:
         idle = _idle.get((key, shared), [])
         while idle:
