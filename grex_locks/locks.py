@@ -12,7 +12,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar
 
 from ._core.kernel_wait import blocked_on
@@ -155,12 +154,7 @@ class _FileLock:
         self._entered[threading.get_ident()] = self._take(wait=self._waits)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         hold = self._entered.pop(threading.get_ident(), None)
         if hold is None:
             self.release()

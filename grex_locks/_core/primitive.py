@@ -43,22 +43,21 @@ from .kernel_wait import KernelWait
 from .kernel_wait import kernel_wait as kernel_wait_for
 from .owner_record import RecordFile
 from .tiers import Tier, enter_tier
-from .undo import ReleasedOnExit, Undo
+from .undo import Undo, UndoHandle
 from .waiting import CancelEvent, is_cancelled, remaining, wait_for
 
 
-class Hold(ReleasedOnExit):
+class Hold(UndoHandle):
     """One acquisition of a lock; a context manager that releases it on exit."""
 
-    __slots__ = ("_core", "_generation", "_undo", "fd", "shared", "thread")
+    __slots__ = ("_core", "fd", "shared", "thread")
 
-    def __init__(self, core: LockCore, thread: int, shared: bool, fd: int) -> None:
+    def __init__(self, core: LockCore, thread: int, shared: bool, fd: int, undo: Undo) -> None:
+        super().__init__(undo, core.kind)
         self._core = core
         self.thread = thread
         self.shared = shared
         self.fd = fd
-        self._undo: Undo | None = None
-        self._generation = generation.value
 
     @property
     def inherited(self) -> bool:
@@ -242,9 +241,9 @@ class LockCore:
                 record = self._record
                 push((record.blank, ()))
                 record.write(self.tier)
-            hold = Hold(self, me, shared, fd)
+            hold = Hold(self, me, shared, fd, undo)
             self._holds[me] = hold
-            hold._undo = undo.keep()
+            undo.keep()
         except BaseException:
             # The error that stopped the acquire is the one to see, not an undo's.
             with contextlib.suppress(BaseException):
@@ -324,12 +323,7 @@ class LockCore:
             raise self._not_this_thread()
         # A hold whose release was cut short still has its undo: this call
         # finishes it (or, if only the last bookkeeping was cut, just ends it).
-        undo = hold._undo
-        try:
-            undo.close_fully()
-        finally:
-            if not undo._steps:
-                hold._undo = None
+        hold._close_undo()
 
     def _not_this_thread(self) -> RuntimeError:
         return RuntimeError(

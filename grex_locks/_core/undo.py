@@ -13,7 +13,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, TypeVar
 
 from .fork import generation
@@ -140,12 +139,7 @@ class Undo:
     def __enter__(self) -> Undo:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         if exc_type is None:
             if self not in _holding:
                 self.close_fully()
@@ -169,12 +163,7 @@ class ReleasedOnExit:
     def __enter__(self: _Handle) -> _Handle:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.release()
 
 
@@ -207,7 +196,12 @@ class UndoHandle(ReleasedOnExit):
             raise RuntimeError(f"this {self._what} was already released")
         if threading.get_ident() != self._thread:
             raise RuntimeError(f"a {self._what} must be released by the thread that acquired it")
+        self._close_undo()
+
+    def _close_undo(self) -> None:
         undo = self._undo
+        if undo is None:
+            return
         try:
             undo.close_fully()
         finally:
