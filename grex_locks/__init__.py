@@ -34,7 +34,7 @@ from .locks import (
     PackLock,
     WorkspaceLock,
 )
-from .scheduler import Permit, Scheduler
+from .scheduler import Permit, PermitsBusy, PermitTimeout, Scheduler, SchedulerStatistics
 
 # A library must not print into its users' programs: logging stays off until
 # the application (or the grex-locks command line) enables "grex_locks".
@@ -61,8 +61,11 @@ __all__ = [
     "ManifestLock",
     "PackLock",
     "Permit",
+    "PermitTimeout",
+    "PermitsBusy",
     "ScanResult",
     "Scheduler",
+    "SchedulerStatistics",
     "Tier",
     "TierOrderWarning",
     "TierViolation",

@@ -338,6 +338,12 @@ class _SlotAttempt:
         cancel: CancelEvent | None = None,
         granted_wait: KernelWait | None = None,
     ) -> Hold | None:
+        if core.held_by_current_thread():
+            # This thread's own permit (two permits in one thread, with the
+            # tier check off): not a free slot, and never this attempt's to settle.
+            if granted_wait is not None:
+                granted_wait.settle()
+            return None
         self.tried.append(core)
         hold = core.take(
             wait=wait, deadline=deadline, cancel=cancel, tier_taken=True, granted_wait=granted_wait

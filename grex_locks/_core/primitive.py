@@ -161,14 +161,19 @@ class LockCore:
 
     # -- the one acquire path ------------------------------------------------
 
+    def held_by_current_thread(self) -> bool:
+        """Whether the calling thread holds this lock file, through this object or another."""
+        self._renew_if_forked()
+        me = get_ident()
+        return me in self._holds or self.queue.held_by(me)
+
     def refuse_reentry(self) -> None:
         """Raise ``LockBusy`` if the calling thread already holds this lock file.
 
         Checked first, before the tier order: taking a lock twice is a
         self-deadlock whatever the tiers say.
         """
-        me = get_ident()
-        if me in self._holds or self.queue.held_by(me):
+        if self.held_by_current_thread():
             raise self._reentry_error()
 
     def _reentry_error(self) -> LockBusy:

@@ -257,7 +257,7 @@ class Storm:
         for lock in [*self.packs, self.manifest]:
             if lock.held:
                 found.append(f"{lock.path} still held by its object")
-        in_use = getattr(getattr(self.scheduler, "_local", None), "_in_use", 0)
+        in_use = self.scheduler.statistics().permits_out
         if in_use:
             found.append(f"{in_use} scheduler permits still counted in use")
         for path in self.files:
