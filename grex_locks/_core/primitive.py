@@ -286,6 +286,7 @@ class LockCore:
         if oslock.try_lock(fd, self.path, shared=shared):
             return fd
         if not wait or remaining(deadline) == 0.0:
+            undo._steps.pop()  # the unlock: this description holds nothing to let go
             return None
         if deadline is None and cancel is None:
             # Nothing can end this wait but the kernel's grant, so block in the
