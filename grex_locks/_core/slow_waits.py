@@ -29,6 +29,8 @@ _ids = itertools.count()
 _cond = threading.Condition()
 _waits: dict[int, tuple[float, object, str]] = {}
 _monitor: threading.Thread | None = None
+#: When the monitor will wake by itself (``time.monotonic()``), None: not until notified.
+_monitor_wakes_at: list[float | None] = [0.0]
 
 
 def _unknown_holder(path: object) -> str:
@@ -69,7 +71,9 @@ def _monitor_loop() -> None:
                 elif next_due is None or left < next_due:
                     next_due = left
             if not due:
-                # Sleep until the next wait turns slow, or until one is added.
+                # Sleep until the next wait turns slow, or (if none is
+                # pending) until one is added.
+                _monitor_wakes_at[0] = None if next_due is None else now + next_due
                 _cond.wait(next_due)
                 continue
         for started, path, kind in due:
@@ -89,7 +93,13 @@ def _register(path: object, kind: str) -> int:
         _waits[wait_id] = (time.monotonic(), path, kind)
         if _monitor is None:
             _monitor = start_daemon(_monitor_loop, "grex-locks-slow-waits")
-        _cond.notify()
+        else:
+            # Wake the monitor only if it would sleep past this wait's turn:
+            # waking it on every contended acquire costs a thread switch each.
+            wakes_at = _monitor_wakes_at[0]
+            if wakes_at is None or _waits[wait_id][0] + SLOW_WAIT_SECONDS < wakes_at:
+                _monitor_wakes_at[0] = 0.0
+                _cond.notify()
     return wait_id
 
 
@@ -129,6 +139,7 @@ def reset_after_fork() -> None:
     _cond = threading.Condition()
     _waits.clear()
     _monitor = None
+    _monitor_wakes_at[0] = 0.0
 
 
 os.register_at_fork(after_in_child=reset_after_fork)
