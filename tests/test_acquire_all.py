@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_locks import (
+from support import (
     DEADLINE,
     Children,
+    HeldInThread,
     InThread,
+    PipedChild,
     acquire_all_repeatedly,
-    assert_clean,
-    hold_lock,
+    hold_until_told,
     max_inside,
     must_wait,
     read_audit,
-    try_lock,
+    try_in_child,
     wait_until_blocked,
 )
 
@@ -39,12 +39,6 @@ from grex_locks import (
 )
 from grex_locks._core import tiers
 from grex_locks._core.tiers import TierCheckMode
-
-
-@pytest.fixture(autouse=True)
-def _registry_empty_after() -> Iterator[None]:
-    yield
-    assert_clean()
 
 
 def _packs(tmp_path: Path, count: int = 2) -> list[PackLock]:
@@ -123,10 +117,8 @@ def test_the_order_taken_does_not_depend_on_the_order_given(tmp_path: Path) -> N
 
 def test_a_timeout_on_b_held_by_another_process_leaves_a_free(tmp_path: Path) -> None:
     a, b = _packs(tmp_path)
-    with Children("spawn") as children:
-        held, release = children.event(), children.event()
-        children.start(hold_lock, PackLock(b.path.parent), held, release)
-        must_wait(held, "the other process to take B")
+    with PipedChild("spawn", hold_until_told, PackLock(b.path.parent)) as holder:
+        holder.recv()  # ("held", pid): the other process holds B
         for given in ([a, b], [b, a]):
             with pytest.raises(LockTimeout) as caught:
                 acquire_all(given, timeout=0.1)
@@ -136,22 +128,17 @@ def test_a_timeout_on_b_held_by_another_process_leaves_a_free(tmp_path: Path) ->
             assert tiers.held_tiers() == ()
             # A is free: for another thread, and for another process.
             _free_for_another_thread(a)
-        checker = Children("spawn")
-        with checker:
-            checker.start(try_lock, a)
-            assert checker.results() == ["acquired"]
-        release.set()
-        children.results()
+        assert try_in_child(a, method="spawn") == "acquired"
+        holder.send("release")
+        holder.expect("released")
     with acquire_all([b, a], timeout=0):
         pass
 
 
 def test_a_cancel_while_waiting_for_b_leaves_a_free(tmp_path: Path) -> None:
     a, b = _packs(tmp_path)
-    with Children("spawn") as children:
-        held, release = children.event(), children.event()
-        children.start(hold_lock, PackLock(b.path.parent), held, release)
-        must_wait(held, "the other process to take B")
+    with PipedChild("spawn", hold_until_told, PackLock(b.path.parent)) as holder:
+        holder.recv()  # ("held", pid): the other process holds B
         cancel = threading.Event()
         waiter = InThread(lambda: acquire_all([b, a], cancel=cancel))
         wait_until_blocked([b.path], os.getpid())
@@ -162,31 +149,19 @@ def test_a_cancel_while_waiting_for_b_leaves_a_free(tmp_path: Path) -> None:
         assert not a.held
         assert not b.held
         _free_for_another_thread(a)
-        release.set()
-        children.results()
+        holder.send("release")
+        holder.expect("released")
 
 
 def test_a_busy_workspace_in_a_group_leaves_the_others_free(tmp_path: Path) -> None:
     workspaces = [WorkspaceLock(tmp_path / f"ws-{n}") for n in range(3)]
     busy = WorkspaceLock(workspaces[1].path.parent)
-    held, release = threading.Event(), threading.Event()
-
-    def sync() -> None:
-        with busy:
-            held.set()
-            must_wait(release, "the release signal")
-
-    syncing = InThread(sync)
-    try:
-        must_wait(held, "the other sync")
+    with HeldInThread(busy):  # the other sync
         with pytest.raises(WorkspaceBusy):
             acquire_all(workspaces, timeout=60)
         assert not any(lock.held for lock in workspaces)
         for lock in (workspaces[0], workspaces[2]):
             _free_for_another_thread(lock)
-    finally:
-        release.set()
-        syncing.result()
 
 
 @pytest.mark.parametrize("mode", ["raise", "off"])

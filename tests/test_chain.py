@@ -5,17 +5,16 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_locks import (
+from support import (
     DEADLINE,
     Children,
     Workspace,
-    assert_clean,
     hold_one_of_each,
     must_wait,
     pack_operation,
@@ -33,13 +32,6 @@ from grex_locks import (
     acquire_all,
 )
 from grex_locks._core import tiers
-
-
-@pytest.fixture(autouse=True)
-def _registry_empty_after() -> Iterator[None]:
-    yield
-    assert_clean()
-
 
 #: Three pack trees that share packs, as a grex workspace would have them.
 TREES: dict[str, list[str]] = {

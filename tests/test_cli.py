@@ -15,16 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, wait_until_blocked
-from test_diagnosis import Holders, holders_fixture, read_line  # noqa: F401 - the fixture
+from support import CLI, DEADLINE, Holders, cli, finish, read_line, spawn_cli, wait_until_blocked
 
-from grex_locks._cli.main import main
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import Diagnosis, Holder, HolderState
 from grex_locks._diagnostics.prune import prune_stale_record
 from grex_locks._diagnostics.scan import WaitCycle, find_wait_cycles, scan
-
-CLI = [sys.executable, "-m", "grex_locks"]
 
 #: Lock argv[1], say "ready", wait for a line, then block locking argv[2].
 CROSS = r"""
@@ -49,12 +45,6 @@ def pack(tmp_path: Path) -> Path:
     path.mkdir()
     (path / ".grex-lock").touch()
     return path
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    status = main(list(args))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict[str, object]]]:
@@ -292,25 +282,6 @@ def test_prune_rechecks_the_kernel_right_before_removing(tmp_path: Path, holders
 
 
 # -- run -----------------------------------------------------------------------------
-
-
-def spawn_cli(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*CLI, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-    )
-
-
-def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    """Close ``proc``'s stdin, wait for it; its status and stderr."""
-    if proc.stdin is not None:
-        proc.stdin.close()
-        proc.stdin = None
-    _, err = proc.communicate(timeout=DEADLINE)
-    return proc.returncode, err.decode()
 
 
 @pytest.mark.parametrize(

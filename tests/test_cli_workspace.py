@@ -15,15 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE
-from test_cli import cli, finish, spawn_cli
-from test_diagnosis import Holders, holders_fixture, read_line  # noqa: F401 - the fixture
+from support import CLI, DEADLINE, Holders, cli, finish, read_line, spawn_cli
 
 import grex_locks
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import HolderState
 
-CLI = [sys.executable, "-m", "grex_locks"]
 PACKS = 300
 
 

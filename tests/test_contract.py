@@ -9,21 +9,20 @@ import os
 import pickle
 import socket
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import (
+from support import (
     LOCK_KINDS,
     AnyLock,
-    Child,
     HeldInThread,
+    InThread,
     LockKind,
+    PipedChild,
     hold_until_told,
-    run_in_thread,
     try_in_child,
+    until,
 )
 
 import grex_locks
@@ -119,7 +118,7 @@ def test_try_acquire_is_busy_while_another_thread_holds(
 def test_try_acquire_is_busy_while_another_process_holds(kind: LockKind, tmp_path: Path) -> None:
     lock = kind.make(_base(tmp_path))
     # forkserver: the child gets the lock by pickling, as a pool worker would.
-    with Child("forkserver", hold_until_told, lock) as holder:
+    with PipedChild("forkserver", hold_until_told, lock) as holder:
         assert holder.recv()[0] == "held"
         with pytest.raises(kind.busy_error) as caught:
             lock.try_acquire()
@@ -200,9 +199,9 @@ def test_releasing_from_another_thread_is_a_runtime_error(kind: LockKind, tmp_pa
     hold = lock.acquire()
     try:
         with pytest.raises(RuntimeError):
-            run_in_thread(lock.release)
+            InThread(lock.release).result()
         with pytest.raises(RuntimeError):
-            run_in_thread(hold.release)
+            InThread(hold.release).result()
         assert lock.held
         assert try_in_child(lock) == kind.busy_error.__name__
     finally:
@@ -237,7 +236,7 @@ def test_pickles_as_its_constructor_argument_never_as_held(kind: LockKind, tmp_p
         with pytest.raises(kind.busy_error):
             copy.try_acquire()
         with pytest.raises(kind.busy_error):
-            run_in_thread(copy.try_acquire)
+            InThread(copy.try_acquire).result()
     with copy.try_acquire():
         assert copy.held
         assert not lock.held
@@ -321,7 +320,7 @@ def test_workspace_lock_never_waits(tmp_path: Path) -> None:
                 attempt()
         with pytest.raises(WorkspaceBusy), contender:
             pytest.fail("entered a held workspace lock")
-    with Child("fork", hold_until_told, lock) as holder:
+    with PipedChild("fork", hold_until_told, lock) as holder:
         holder.recv()
         with pytest.raises(WorkspaceBusy):
             contender.acquire(timeout=60)
@@ -339,15 +338,6 @@ def test_waiting_kinds_time_out_rather_than_report_busy(kind: LockKind, tmp_path
         assert caught.value.path == lock.path
 
 
-def _observe(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Return once ``condition()`` holds (an observation with a deadline, not a sleep)."""
-    pause = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never observed: {what}"
-        pause.wait(0.002)
-
-
 def test_statistics_show_holder_thread_and_waiters(kind: LockKind, tmp_path: Path) -> None:
     lock = kind.make(tmp_path / "target")
     other = kind.make(tmp_path / "target")
@@ -362,7 +352,7 @@ def test_statistics_show_holder_thread_and_waiters(kind: LockKind, tmp_path: Pat
         assert not other.statistics().held
         if kind.waits:
             waiter.start()
-            _observe(lambda: other.statistics().threads_waiting == 1, "the waiter queued")
+            until(lambda: other.statistics().threads_waiting == 1, "the waiter queued")
     if kind.waits:
         waiter.join(10)
         assert not waiter.is_alive()

@@ -13,15 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DEADLINE
-from test_diagnosis import Holders, check_words, holders_fixture, read_line  # noqa: F401
+from support import CLI, DEADLINE, Holders, check_words, cli, read_line, until
 
 from grex_locks import (
     LockIOError,
@@ -32,12 +29,9 @@ from grex_locks import (
     WorkspaceBusy,
     WorkspaceLock,
 )
-from grex_locks._cli.main import main
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import HolderState
 from grex_locks._diagnostics.scan import scan
-
-CLI = [sys.executable, "-m", "grex_locks"]
 
 #: Take a grex lock per argv[1] on argv[2] in this process, say "ready", hold
 #: it until stdin closes. Kinds: pack, workspace, read (a manifest reader),
@@ -65,12 +59,6 @@ def grex_hold(holders: Holders, kind: str, path: Path) -> subprocess.Popen[bytes
     proc = holders.spawn(sys.executable, "-c", GREX_HOLDER, kind, str(path))
     assert read_line(proc) == "ready"
     return proc
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    status = main(list(args))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 # -- 1. a directory means its pack lock --------------------------------------------------
@@ -165,20 +153,15 @@ def test_scheduler_slot_files_are_all_listed(tmp_path: Path) -> None:
 # -- 4. a stopped holder ------------------------------------------------------------------
 
 
-def _wait_until_stopped(pid: int) -> None:
-    pause = threading.Event()
-    deadline = time.monotonic() + DEADLINE
-    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
-        assert time.monotonic() < deadline, f"pid {pid} never stopped"
-        pause.wait(0.002)
-
-
 @pytest.fixture
 def stopped_holder(tmp_path: Path, holders: Holders) -> Iterator[subprocess.Popen[bytes]]:
     proc = grex_hold(holders, "pack", tmp_path)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
-        _wait_until_stopped(proc.pid)
+        until(
+            lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED,
+            f"pid {proc.pid} to stop",
+        )
         yield proc
     finally:
         os.kill(proc.pid, signal.SIGCONT)

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEADLINE
-from test_diagnosis import Holders, holders_fixture, read_line  # noqa: F401 - the fixture
+from support import CLI, DEADLINE, Holders, read_line
 
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import HolderState
@@ -39,7 +38,7 @@ def as_nobody(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def cli_as_nobody(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return as_nobody(sys.executable, "-m", "grex_locks", *args, cwd=cwd)
+    return as_nobody(*CLI, *args, cwd=cwd)
 
 
 def as_json(run: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:

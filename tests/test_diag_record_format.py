@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_diagnosis import read_line
+from support import read_line
 
 from grex_locks import PackLock
 from grex_locks._diagnostics.diagnose import diagnose

@@ -8,133 +8,29 @@ is open, so closing it (or the test failing) ends it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import random
-import re
-import select
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from conftest import DEADLINE, wait_until_blocked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import DEADLINE, Holders, check_words, read_line
 
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import Diagnosis, Holder, HolderState
 from grex_locks._diagnostics.kernel_lock_table import KernelLockTable
 from grex_locks._diagnostics.scan import scan
 from grex_locks.errors import LockBusy
-
-#: A holder: lock argv[1] (``ex`` or ``sh`` per argv[2]); write a record per
-#: argv[3] (``own``, ``wrong-start``, ``none``); with argv[4] == ``handoff``
-#: start a grandchild that inherits the locked descriptor and print its pid;
-#: print "ready"; live until stdin closes.
-HOLDER = r"""
-import fcntl, json, os, socket, subprocess, sys, time
-import psutil
-path, mode, record, extra = sys.argv[1:5]
-fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_SH if mode == "sh" else fcntl.LOCK_EX)
-if record != "none":
-    rec = {"pid": os.getpid(), "create_time": psutil.Process().create_time(),
-           "hostname": socket.gethostname(), "thread": "worker-3", "tier": 2,
-           "acquired_at": time.time(), "argv": ["sync.py", "--all"]}
-    if record == "wrong-start":
-        rec["create_time"] -= 1000.0
-    with open(path + ".owner", "w") as f:
-        json.dump(rec, f)
-if extra == "handoff":
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                             pass_fds=(fd,))
-    print(child.pid, flush=True)
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-#: Block waiting for an exclusive flock on argv[1], then report and exit.
-WAITER = r"""
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-print("waiting", flush=True)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("granted", flush=True)
-"""
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float = DEADLINE) -> str:
-    """The next line ``proc`` prints, failing the test if none comes within ``timeout``."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, f"pid {proc.pid} printed nothing within {timeout} s"
-    return proc.stdout.readline().decode().strip()
-
-
-class Holders:
-    """Spawns holder processes and makes sure none outlives the test."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.strays: list[int] = []
-
-    def spawn(self, *argv: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
-        )
-        self.procs.append(proc)
-        return proc
-
-    def hold(
-        self, lock: Path, mode: str = "ex", record: str = "own", extra: str = "-"
-    ) -> subprocess.Popen[bytes]:
-        """A process holding ``lock``; returns once it holds it (and recorded itself)."""
-        proc = self.spawn(sys.executable, "-c", HOLDER, str(lock), mode, record, extra)
-        if extra == "handoff":
-            self.strays.append(int(read_line(proc)))
-        assert read_line(proc) == "ready"
-        return proc
-
-    def wait_for(self, lock: Path) -> subprocess.Popen[bytes]:
-        """A process blocked in the kernel waiting for ``lock``."""
-        proc = self.spawn(sys.executable, "-c", WAITER, str(lock))
-        assert read_line(proc) == "waiting"
-        wait_until_blocked(lock, proc.pid)
-        return proc
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.kill()
-        proc.wait(DEADLINE)
-
-    def close(self) -> None:
-        for pid in self.strays:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(DEADLINE)
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    stream.close()
-
-
-@pytest.fixture(name="holders")
-def holders_fixture() -> Iterator[Holders]:
-    spawner = Holders()
-    yield spawner
-    spawner.close()
 
 
 @pytest.fixture
@@ -160,27 +56,6 @@ def own_record(**changes: Any) -> dict[str, Any]:
     }
     record.update(changes)
     return record
-
-
-def check_words(d: Diagnosis) -> None:
-    """What every diagnosis must offer: JSON, pickling, one actionable paragraph.
-
-    The paragraph never advises deleting a lock file: the only ``rm`` it may
-    suggest is of something at an owner record path.
-    """
-    data = json.loads(json.dumps(d.to_dict(), allow_nan=False))
-    assert data["state"] == d.state.name
-    assert {"path", "state", "owner", "holders"} <= data.keys()
-    text = d.explain()
-    assert text
-    assert "\n" not in text
-    assert "delete" not in text.lower()
-    for removed in re.findall(r"`rm (\S+)`", text):
-        assert removed.endswith(".owner"), text
-    assert f"rm {d.path}`" not in text
-    again = pickle.loads(pickle.dumps(d))  # noqa: S301 - our own bytes
-    assert again.state is d.state
-    assert again.holder_summary() == d.holder_summary()
 
 
 # -- the six states, for real --------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HOLD_BACKSTOP, Child, hold_until_told
+from support import HOLD_BACKSTOP, PipedChild, hold_until_told
 
 from grex_locks import (
     BackendLock,
@@ -99,7 +99,7 @@ def test_constructed_fields() -> None:
 def held_elsewhere(pack: Path) -> Iterator[tuple[PackLock, int]]:
     """A pack lock held (with its owner record) by a child process; its pid."""
     lock = PackLock(pack)
-    child = Child("fork", hold_until_told, PackLock(pack))
+    child = PipedChild("fork", hold_until_told, PackLock(pack))
     _, pid = child.recv()
     yield lock, pid
     child.send("release")
@@ -147,7 +147,7 @@ def _foreign_flock(conn: multiprocessing.connection.Connection, lock_file: Path)
 
 def test_holder_without_a_record_still_gives_a_sentence(pack: Path) -> None:
     lock = PackLock(pack)
-    with Child("fork", _foreign_flock, lock.path) as holder:
+    with PipedChild("fork", _foreign_flock, lock.path) as holder:
         holder.expect("held")
         with pytest.raises(LockBusy) as caught:
             lock.try_acquire()

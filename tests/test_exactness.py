@@ -43,6 +43,7 @@ from typing import Any
 
 import psutil
 import pytest
+from support import DEADLINE
 
 from grex_locks import (
     BackendLock,
@@ -60,9 +61,6 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from stress_exact import Expectation, judge  # noqa: E402 - after the scripts' path
-
-#: The bound on every handshake with a thread or a child process.
-DEADLINE = 10.0
 
 #: One lock a thread takes: (kind, paths); kind is pack, group, workspace,
 #: backend, write, read or permit (paths: the slots directory).

@@ -28,11 +28,11 @@ import pytest
 
 SCRIPTS = Path(__file__).with_name("failure_scripts")
 #: Bound on each scenario subprocess; pytest-timeout backs it up.
-DEADLINE = 50.0
+SCENARIO_TIMEOUT = 50.0
 
 
 def run_scenario(
-    script: str, *args: str, prefix: tuple[str, ...] = (), timeout: float = DEADLINE
+    script: str, *args: str, prefix: tuple[str, ...] = (), timeout: float = SCENARIO_TIMEOUT
 ) -> dict[str, Any]:
     """Run ``failure_scripts/<script>`` with ``args``; return the JSON report it prints last."""
     result = subprocess.run(
@@ -89,7 +89,7 @@ def _private_tmpfs_works() -> str:
          'mount -o remount,ro "$d" && umount "$d" && rmdir "$d"'],
         capture_output=True,
         text=True,
-        timeout=DEADLINE,
+        timeout=SCENARIO_TIMEOUT,
         check=False,
     )  # fmt: skip
     if probe.returncode != 0:

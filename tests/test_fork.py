@@ -19,9 +19,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, HOLD_BACKSTOP, START_METHODS, try_in_child
+from support import (
+    DEADLINE,
+    HOLD_BACKSTOP,
+    START_METHODS,
+    holder_record,
+    try_in_child,
+    try_lock,
+    wait_for_exit,
+)
 
-import grex_locks
 from grex_locks import LockBusy, PackLock
 from grex_locks._core import fair_queue, tiers
 
@@ -86,32 +93,6 @@ def fork_running(body: Callable[[], None], report: Channel) -> int:
     return pid
 
 
-def wait_for_exit(pid: int, timeout: float = DEADLINE) -> int:
-    """Reap the child ``pid`` (bounded by ``timeout``); its exit code (-N for signal N)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        readable, _, _ = select.select([pidfd], [], [], timeout)
-        assert readable, f"process {pid} still running after {timeout} s"
-    finally:
-        os.close(pidfd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-def _record_pid(lock: PackLock) -> int:
-    record = json.loads(lock.path.with_name(lock.path.name + grex_locks.OWNER_SUFFIX).read_bytes())
-    pid: int = record["pid"]
-    return pid
-
-
-def _try(lock: PackLock) -> str:
-    try:
-        lock.try_acquire().release()
-    except LockBusy as exc:
-        return type(exc).__name__
-    return "acquired"
-
-
 def test_child_forked_while_held_does_not_hold_and_cannot_release(pack: Path) -> None:
     lock = PackLock(pack)
     idle = PackLock(pack)  # inherited too, never held by anyone at the fork
@@ -121,7 +102,7 @@ def test_child_forked_while_held_does_not_hold_and_cannot_release(pack: Path) ->
         child_end.send(
             f"{lock.held} {idle.held} {fair_queue.queues_in_use()} {tiers.held_tiers()!r}"
         )
-        child_end.send(f"{_try(lock)} {_try(idle)}")
+        child_end.send(f"{try_lock(lock)} {try_lock(idle)}")
         try:
             lock.release()
         except RuntimeError:
@@ -130,9 +111,9 @@ def test_child_forked_while_held_does_not_hold_and_cannot_release(pack: Path) ->
             child_end.send("released the parent's lock")
         child_end.expect("free now")
         with lock.acquire(timeout=DEADLINE):
-            mine = _record_pid(lock) == os.getpid()
+            mine = holder_record(lock.path)["pid"] == os.getpid()
         with idle.try_acquire():
-            mine = mine and _record_pid(idle) == os.getpid()
+            mine = mine and holder_record(idle.path)["pid"] == os.getpid()
         child_end.send(f"acquired {mine}")
         child_end.expect("exit")
 
@@ -162,7 +143,7 @@ def _take_inherited_when_told(channel: Channel, *locks: PackLock) -> None:
     mine = True
     for lock in locks:
         with lock.try_acquire():
-            mine = mine and _record_pid(lock) == os.getpid()
+            mine = mine and holder_record(lock.path)["pid"] == os.getpid()
     channel.send(f"acquired {mine}")
     channel.expect("exit")
 
@@ -222,13 +203,14 @@ def test_parent_letting_go_frees_the_lock_while_its_forked_child_lives(
 
 
 def _pool_try(lock: PackLock) -> str:
+    """In a pool worker: take ``lock`` at once (a busy lock's ``LockBusy`` goes back raised)."""
     with lock.try_acquire():
         return "acquired"
 
 
 def _pool_increment(lock: PackLock, counter: Path) -> int:
     with lock:
-        assert _record_pid(lock) == os.getpid()
+        assert holder_record(lock.path)["pid"] == os.getpid()
         counter.write_text(str(int(counter.read_text()) + 1))
     return os.getpid()
 

@@ -46,6 +46,21 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from support import (
+    BUSY,
+    DEADLINE,
+    FLOCK,
+    HOLD_BACKSTOP,
+    Json,
+    flock_n,
+    flock_waiters,
+    open_fd_count,
+    owner_record,
+    record_bytes,
+    record_json,
+    until,
+)
+
 import grex_locks
 from grex_locks import (
     HolderState,
@@ -57,41 +72,12 @@ from grex_locks import (
     acquire_all,
 )
 
-#: Every handshake with the driver, its child or a helper thread has this deadline.
-DEADLINE = 15.0
 #: A driver thread or child waiting to be told something gives up after this long.
-BACKSTOP = 60.0
+DRIVER_BACKSTOP = 60.0
 PYTHON = sys.executable
-FLOCK = "/usr/bin/flock"
-#: ``flock -n -E BUSY`` exits with this when the lock is held by someone else.
-BUSY = 75
-
-Json = dict[str, Any]
 
 
 # -- helpers shared by both sides -----------------------------------------------------------
-
-
-def record_file(lock_path: Path) -> Path:
-    return lock_path.with_name(lock_path.name + grex_locks.OWNER_SUFFIX)
-
-
-def read_bytes(path: Path) -> bytes | None:
-    """The file's bytes, or None if there is no file (never follows a symlink)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
-def parse_record(data: bytes | None) -> Json | None:
-    """The record as a dict; None for no file, an empty or whitespace-only one."""
-    if data is None or not data.strip():
-        return None
-    record: Json = json.loads(data)
-    return record
 
 
 def kernel_busy(path: Path) -> bool:
@@ -106,18 +92,6 @@ def kernel_busy(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def flock_n(path: Path) -> int:
-    """util-linux ``flock -n`` on ``path``: 0 when it got the lock, :data:`BUSY` when held."""
-    return subprocess.run(
-        [FLOCK, "-n", "-E", str(BUSY), str(path), "true"], check=False, timeout=DEADLINE
-    ).returncode
-
-
-def open_fd_count() -> int:
-    gc.collect()
-    return len(os.listdir("/proc/self/fd"))
 
 
 class LineIO:
@@ -168,7 +142,7 @@ def _maybe_pause(point: str) -> None:
     if entry is not None and entry[0] == point:
         del _PAUSES[name]
         entry[1].set()
-        entry[2].wait(BACKSTOP)
+        entry[2].wait(DRIVER_BACKSTOP)
 
 
 def _install_pauses() -> None:
@@ -196,28 +170,6 @@ def _install_pauses() -> None:
     setattr(os_lock, "unlock", paused_unlock)  # noqa: B010
 
 
-def _proc_lock_waiters(path: Path) -> set[int]:
-    inode = os.stat(path).st_ino
-    pids: set[int] = set()
-    with open("/proc/locks") as table:
-        for line in table:
-            fields = line.split()
-            waiting = len(fields) >= 7 and fields[1] == "->" and fields[2] == "FLOCK"
-            if waiting and int(fields[6].rsplit(":", 1)[1]) == inode:
-                pids.add(int(fields[5]))
-    return pids
-
-
-def _until(condition: Callable[[], bool], what: str) -> None:
-    """Wait for an observable state (with a deadline): a thread queued, a flock waiting."""
-    pause = threading.Event()
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never saw: {what}")
-        pause.wait(0.002)
-
-
 def _waiting_inside_acquire(ident: int | None) -> bool:
     """Whether thread ``ident`` is blocked in a wait, somewhere inside a lock's acquire.
 
@@ -241,7 +193,7 @@ class Worker:
         self.index = index
         self.kind: str = spec["kind"]
         self.state: str = spec["state"]
-        self.timeout: float | None = BACKSTOP if spec["timeout"] else None
+        self.timeout: float | None = DRIVER_BACKSTOP if spec["timeout"] else None
         self.name = f"holder-{index}"
         self.env = env
         self.path: Path | None = None
@@ -286,7 +238,7 @@ class Worker:
                 hold, self.hold = self.hold, None
                 hold.release()
                 return
-            self.release_now.wait(BACKSTOP)
+            self.release_now.wait(DRIVER_BACKSTOP)
             hold, self.hold = self.hold, None
             hold.release()
         except BaseException:  # noqa: BLE001 - reported to the test
@@ -308,10 +260,10 @@ class Worker:
         elif self.state == "blocked_kernel":
             assert self.path is not None
             path = self.path
-            _until(lambda: os.getpid() in _proc_lock_waiters(path), f"{self.name} in flock")
+            until(lambda: os.getpid() in flock_waiters(path), f"{self.name} in flock")
         elif self.state == "blocked_gate":
             ident = self.thread.ident
-            _until(lambda: _waiting_inside_acquire(ident), f"{self.name} waiting at the gate")
+            until(lambda: _waiting_inside_acquire(ident), f"{self.name} waiting at the gate")
         else:
             assert self.reached.wait(DEADLINE) or self.error, f"never paused at {self.state}"
         assert self.error is None, self.error
@@ -342,7 +294,7 @@ class Blocker:
         try:
             with self.lock.acquire(timeout=DEADLINE):
                 self.holding.set()
-                self.release_now.wait(BACKSTOP)
+                self.release_now.wait(DRIVER_BACKSTOP)
         except BaseException:  # noqa: BLE001 - reported to the test
             self.error = traceback.format_exc()
             self.holding.set()
@@ -611,7 +563,7 @@ def _child_actions(env: Env, withs: contextlib.ExitStack, io: LineIO) -> None:
     group = child.new_group
     report["new_held"] = bool(group is not None and all(lock.held for lock in group.locks))
     io.send(report)
-    io.recv(BACKSTOP)  # "go": the test has looked while this child lives
+    io.recv(DRIVER_BACKSTOP)  # "go": the test has looked while this child lives
     end = env.scenario["exit"]
     if end == "sys_exit":
         sys.exit(0)
@@ -629,7 +581,7 @@ def _run_scenario(scenario: Json, io: LineIO) -> str:
         env.take_main(withs)
         env.start_threads()
         io.send({"from": "driver", "pid": os.getpid(), "entries": env.entries})
-        assert io.recv(BACKSTOP)["op"] == "fork"
+        assert io.recv(DRIVER_BACKSTOP)["op"] == "fork"
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
@@ -637,9 +589,9 @@ def _run_scenario(scenario: Json, io: LineIO) -> str:
             return "child"
         _, status = os.waitpid(pid, 0)
         io.send({"from": "driver", "child_exit": os.waitstatus_to_exitcode(status)})
-        assert io.recv(BACKSTOP)["op"] == "unblock"
+        assert io.recv(DRIVER_BACKSTOP)["op"] == "unblock"
         io.send({"from": "driver", **env.unblock()})
-        assert io.recv(BACKSTOP)["op"] == "release"
+        assert io.recv(DRIVER_BACKSTOP)["op"] == "release"
         for hold in reversed(env.main_holds):
             hold.release()
     env.release_threads()
@@ -654,7 +606,7 @@ def driver_main() -> None:
     io = LineIO(0, 1)
     while True:
         try:
-            message = io.recv(BACKSTOP * 10)
+            message = io.recv(DRIVER_BACKSTOP * 10)
         except EOFError:
             return
         if message["op"] == "quit":
@@ -697,10 +649,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 #: Runs the part of this file above the marker in a fresh interpreter, then ``entry()``:
 #: a driver or holder process without pytest and hypothesis loaded (a forked child's
-#: interpreter shutdown then costs what a grex user's would).
+#: interpreter shutdown then costs what a grex user's would). This file's directory goes
+#: on ``sys.path`` first, for ``support`` (which imports neither).
 _MARKER = "# == helper processes run this file up to here"
 _BOOT = (
-    "import sys; path = sys.argv[1]; source = open(path).read().split({marker!r})[0]; "
+    "import os, sys; path = sys.argv[1]; sys.path.insert(0, os.path.dirname(path)); "
+    "source = open(path).read().split({marker!r})[0]; "
     "namespace = {{'__name__': '_fork_helper'}}; "
     "exec(compile(source, path, 'exec'), namespace); namespace[{entry!r}]()"
 )
@@ -812,7 +766,7 @@ class Snapshot:
                 continue
             path = Path(entry["path"])
             self.busy[entry["path"]] = kernel_busy(path)
-            self.records[entry["path"]] = read_bytes(record_file(path))
+            self.records[entry["path"]] = record_bytes(path)
 
     def assert_same(self, other: Snapshot, when: str, skip: frozenset[str] = frozenset()) -> None:
         for path, busy in self.busy.items():
@@ -839,7 +793,7 @@ def check_entries_at_fork(entries: list[Json], snap: Snapshot, driver_pid: int) 
             assert snap.busy[path], f"{role} lock {path} is not busy before the fork"
         if role in FREE_ROLES:
             assert not snap.busy[path], f"{role} lock {path} is busy before the fork"
-        record = parse_record(snap.records[path])
+        record = record_json(snap.records[path])
         if role in ("held", "release_before_blank") and not entry["shared"]:
             assert record is not None, f"no record for {path} held by {entry['thread']}"
             assert record["pid"] == driver_pid, record
@@ -894,7 +848,7 @@ def _check_child_alive(report: Json, entries: list[Json], at_fork: Snapshot) -> 
     at_fork.assert_same(Snapshot(entries), "while the child lives", frozenset(report["new"]))
     for path in report["new"]:
         assert kernel_busy(Path(path)), f"the child's own lock {path} is free"
-        record = parse_record(read_bytes(record_file(Path(path))))
+        record = owner_record(Path(path))
         assert record is not None, f"the child's own lock {path} has no record"
         assert record["pid"] == report["pid"], record
 
@@ -925,7 +879,7 @@ def _check_unblocked(unblocked: Json, entries: list[Json], driver_pid: int) -> N
         path = Path(entry["path"])
         late_paths.add(entry["path"])
         assert kernel_busy(path), f"{path} not held by {entry['thread']} after it got it"
-        record = parse_record(read_bytes(record_file(path)))
+        record = owner_record(path)
         if entry["shared"]:
             assert record is None, record
         else:
@@ -935,7 +889,7 @@ def _check_unblocked(unblocked: Json, entries: list[Json], driver_pid: int) -> N
         if entry["role"].startswith("release_") and entry["path"] not in late_paths:
             path = Path(entry["path"])
             assert not kernel_busy(path), f"{path} still busy after its release finished"
-            assert parse_record(read_bytes(record_file(path))) is None
+            assert owner_record(path) is None
 
 
 def _check_all_free(entries: list[Json]) -> None:
@@ -943,7 +897,7 @@ def _check_all_free(entries: list[Json]) -> None:
         path = Path(entry["path"])
         assert not kernel_busy(path), f"{path} still busy after the parent let go"
         if entry["role"] != "idle":  # a child that took it and died leaves its record
-            record = parse_record(read_bytes(record_file(path)))
+            record = owner_record(path)
             assert record is None, f"{path}: a record is left after release: {record}"
 
 
@@ -1195,8 +1149,8 @@ def _pool_task(fresh_dir: str) -> Json:
 def _assert_held_by_me(paths: list[Path], records: dict[Path, bytes | None]) -> None:
     for path in paths:
         assert flock_n(path) == BUSY, f"{path} is free for a third process"
-        assert read_bytes(record_file(path)) == records[path], f"the record of {path} changed"
-        record = parse_record(records[path])
+        assert record_bytes(path) == records[path], f"the record of {path} changed"
+        record = record_json(records[path])
         assert record is not None
         assert (record["pid"], record["thread"]) == (os.getpid(), "MainThread")
         diagnosis = grex_locks.diagnose(path)
@@ -1214,7 +1168,7 @@ def test_fork_pool_under_held_locks_leaves_them_and_their_records(tmp_path: Path
         hold = pack.acquire(timeout=DEADLINE)
         assert permit.slot is not None
         paths = [workspace.path, pack.path, permit.slot]
-        records = {path: read_bytes(record_file(path)) for path in paths}
+        records = {path: record_bytes(path) for path in paths}
         _INHERITED[:] = [workspace, pack]
         try:
             ctx = multiprocessing.get_context("fork")
@@ -1234,7 +1188,7 @@ def test_fork_pool_under_held_locks_leaves_them_and_their_records(tmp_path: Path
         hold.release()
     for path in paths:
         assert flock_n(path) == 0, f"{path} still busy after release"
-        assert parse_record(read_bytes(record_file(path))) is None
+        assert owner_record(path) is None
 
 
 @pytest.mark.timeout(60)
@@ -1242,7 +1196,8 @@ def test_subprocess_with_preexec_fn_under_held_locks(tmp_path: Path) -> None:
     workspace, pack = WorkspaceLock(tmp_path / "ws"), PackLock(tmp_path / "pack")
     with workspace, pack.acquire(timeout=DEADLINE):
         paths = [workspace.path, pack.path]
-        records = {path: read_bytes(record_file(path)) for path in paths}
+        records = {path: record_bytes(path) for path in paths}
+        assert FLOCK is not None
         for path in paths:
             # The forked child (preexec_fn runs in it) execs flock -n on the held lock.
             done = subprocess.run(
@@ -1257,7 +1212,7 @@ def test_subprocess_with_preexec_fn_under_held_locks(tmp_path: Path) -> None:
         _assert_held_by_me(paths, records)
     for path in paths:
         assert flock_n(path) == 0
-        assert parse_record(read_bytes(record_file(path))) is None
+        assert owner_record(path) is None
 
 
 def _hold_in_thread(take: Callable[[], Any], held: threading.Event, stop: threading.Event) -> Any:
@@ -1267,7 +1222,7 @@ def _hold_in_thread(take: Callable[[], Any], held: threading.Event, stop: thread
         with take() as hold:
             box["hold"] = hold
             held.set()
-            stop.wait(BACKSTOP)
+            stop.wait(HOLD_BACKSTOP)
 
     thread = threading.Thread(target=body, name=f"holder-{len(threading.enumerate())}")
     thread.start()
@@ -1294,7 +1249,7 @@ def test_releasing_holds_inherited_from_other_threads_does_nothing(tmp_path: Pat
             threads.append(thread)
         slot = holds["Permit"].slot
         paths = [pack.path, a.path, b.path, slot]
-        records = {path: read_bytes(record_file(path)) for path in paths}
+        records = {path: record_bytes(path) for path in paths}
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
@@ -1314,7 +1269,7 @@ def test_releasing_holds_inherited_from_other_threads_does_nothing(tmp_path: Pat
         assert os.waitstatus_to_exitcode(status) == 0
         for path in paths:
             assert flock_n(path) == BUSY, f"{path} free after the child released its copy"
-            assert read_bytes(record_file(path)) == records[path], f"{path}: record changed"
+            assert record_bytes(path) == records[path], f"{path}: record changed"
         assert outcomes == {"Hold": "ok", "Permit": "ok", "HeldGroup": "ok"}
     finally:
         stop.set()
@@ -1359,7 +1314,7 @@ def test_a_hold_without_references_stays_held_until_exit(tmp_path: Path, what: s
         free = [str(path.relative_to(tmp_path)) for path in paths if flock_n(path) != BUSY]
         assert not free, f"released by the garbage collector: {free}"
         for path in paths:
-            record = parse_record(read_bytes(record_file(path)))
+            record = owner_record(path)
             assert record is not None, f"{path}: no record"
             assert record["pid"] == process.pid
     finally:

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, wait_until_blocked
 from hypothesis import given
 from hypothesis import strategies as st
+from support import DEADLINE, wait_until_blocked
 
 from grex_locks._diagnostics.kernel_lock_table import (
     KernelLock,

@@ -8,12 +8,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from support import DEADLINE
 
 from grex_locks import LockCancelled, LockTimeout, PackLock
 from grex_locks._core import kernel_wait
 from grex_locks._core.fair_queue import queues_in_use as registry_size
 
-DEADLINE = 10.0
 _HOLD = (
     "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
     "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()"

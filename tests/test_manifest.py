@@ -6,21 +6,22 @@ import functools
 import json
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_locks import (
+from support import (
     DEADLINE,
     Children,
+    HeldInThread,
     InThread,
     append_line,
     append_under_write,
-    assert_clean,
     audit,
     check_whole_lines,
+    holder_record,
     manifest_line,
     must_wait,
+    owner_record,
     read_audit,
     read_then_note_exit,
     read_together,
@@ -31,7 +32,6 @@ from helpers_locks import (
 )
 
 from grex_locks import (
-    OWNER_SUFFIX,
     LockBusy,
     LockCancelled,
     LockTimeout,
@@ -40,21 +40,9 @@ from grex_locks import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _registry_empty_after() -> Iterator[None]:
-    yield
-    assert_clean()
-
-
 @pytest.fixture
 def lock(tmp_path: Path) -> ManifestLock:
     return ManifestLock(tmp_path / ".grex.lock")
-
-
-def _record_text(lock: ManifestLock) -> str:
-    record = Path(str(lock.path) + OWNER_SUFFIX)
-    # A released record is blanked in place: whitespace only means no record.
-    return record.read_text().strip() if record.exists() else ""
 
 
 def _lines_by_writer(data: Path) -> dict[str, list[int]]:
@@ -141,7 +129,7 @@ def test_readers_in_two_processes_and_a_thread_are_inside_read_at_once(
         # This thread is the third reader: the barrier opens only if all three are inside.
         with lock.read(timeout=DEADLINE):
             everyone_inside.wait(DEADLINE)
-            assert _record_text(lock) == ""
+            assert owner_record(lock.path) is None
         assert children.results() == pids
 
 
@@ -280,30 +268,30 @@ def test_a_stream_of_readers_does_not_starve_a_writer(lock: ManifestLock) -> Non
 def test_shared_holds_write_no_owner_record_and_exclusive_ones_do(lock: ManifestLock) -> None:
     inside, leave = threading.Event(), threading.Event()
 
-    def read() -> str:
+    def read() -> object:
         with lock.read(timeout=DEADLINE):
             inside.set()
             must_wait(leave, "the signal to leave")
-            return _record_text(lock)
+            return owner_record(lock.path)
 
     with lock.read():
-        assert _record_text(lock) == ""
+        assert owner_record(lock.path) is None
         other = InThread(read)
         must_wait(inside, "the second reader")
-        assert _record_text(lock) == ""
+        assert owner_record(lock.path) is None
         leave.set()
-        assert other.result() == ""
-    assert _record_text(lock) == ""
+        assert other.result() is None
+    assert owner_record(lock.path) is None
     for take in (lock.write, lock.acquire, lock.try_acquire):
         with take():
-            record = json.loads(_record_text(lock))
+            record = holder_record(lock.path)
             assert record["pid"] == os.getpid()
             assert record["tier"] == Tier.MANIFEST
             assert record["thread"] == threading.current_thread().name
-        assert _record_text(lock) == ""
+        assert owner_record(lock.path) is None
     with lock:
-        assert json.loads(_record_text(lock))["pid"] == os.getpid()
-    assert _record_text(lock) == ""
+        assert holder_record(lock.path)["pid"] == os.getpid()
+    assert owner_record(lock.path) is None
 
 
 # -- timeout and cancel ------------------------------------------------------------------------
@@ -318,16 +306,7 @@ def test_read_and_write_take_timeout_and_cancel(lock: ManifestLock) -> None:
         lock.write(cancel=already)
     with pytest.raises(ValueError, match="negative"):
         lock.read(timeout=-1)
-    held, release = threading.Event(), threading.Event()
-
-    def write() -> None:
-        with lock.write():
-            held.set()
-            must_wait(release, "the release signal")
-
-    writer = InThread(write)
-    try:
-        must_wait(held, "the writer to be inside")
+    with HeldInThread(lock.write):  # a writer inside, in another thread
         with pytest.raises(LockTimeout):
             lock.read(timeout=0.05)
         with pytest.raises(LockTimeout):
@@ -338,8 +317,5 @@ def test_read_and_write_take_timeout_and_cancel(lock: ManifestLock) -> None:
             with pytest.raises(LockCancelled):
                 take(cancel=cancel)
             canceller.result()
-    finally:
-        release.set()
-        writer.result()
     with lock.write(timeout=0):
         pass

@@ -11,7 +11,6 @@ the file.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import select
 import shutil
@@ -25,34 +24,18 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
+from support import (
+    DEADLINE,
+    FLOCK,
+    owner_record,
+    third_process_can_take,
+    wait_for_exit,
+)
 
 import grex_locks
 from grex_locks import Hold, HolderState, ManifestLock, PackLock, WorkspaceLock
 
-DEADLINE = 30.0
-CONFLICT = 75  # flock(1)'s exit status for "held by someone else", asked for with -E
-
-pytestmark = pytest.mark.skipif(shutil.which("flock") is None, reason="needs util-linux flock(1)")
-
-
-def third_process_can_take(lock_file: Path) -> bool:
-    """Whether a separate process gets ``lock_file`` at once (util-linux ``flock -n``)."""
-    run = subprocess.run(
-        ["flock", "-n", "-E", str(CONFLICT), str(lock_file), "true"],
-        timeout=DEADLINE,
-        check=False,
-    )
-    assert run.returncode in (0, CONFLICT), run
-    return run.returncode == 0
-
-
-def record_of(lock_file: Path) -> dict[str, object] | None:
-    """The owner record beside ``lock_file`` as another process reads it (None: no record)."""
-    data = Path(str(lock_file) + grex_locks.OWNER_SUFFIX).read_bytes()
-    if not data.strip():
-        return None
-    record: dict[str, object] = json.loads(data)
-    return record
+pytestmark = pytest.mark.skipif(FLOCK is None, reason="needs util-linux flock(1)")
 
 
 def read_line(fd: int) -> str:
@@ -66,18 +49,6 @@ def read_line(fd: int) -> str:
         assert chunk, f"the other end closed the pipe after {data!r}"
         data += chunk
     return data.decode().strip()
-
-
-def wait_exit(pid: int) -> int:
-    """The exit status of child ``pid`` (a signal is -N), within the deadline."""
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)  # polling a child's exit: there is no event to wait on
-    os.kill(pid, 9)
-    raise AssertionError(f"child {pid} did not exit within {DEADLINE} s")
 
 
 def end_child(body: Callable[[], None]) -> None:
@@ -125,7 +96,7 @@ def test_forked_child_dropping_an_inherited_hold_does_not_unlock_its_own_lock(
     the inherited hold unlocked it (and emptied the parent's record)."""
     a = PackLock(tmp_path / "a")
     held = a.acquire()
-    parent_record = record_of(a.path)
+    parent_record = owner_record(a.path)
 
     def child(up: int, down: int) -> None:
         nonlocal held
@@ -142,15 +113,15 @@ def test_forked_child_dropping_an_inherited_hold_does_not_unlock_its_own_lock(
         assert read_line(up) == "inside b"
         assert not third_process_can_take(tmp_path / "b" / ".grex-lock"), "b was unlocked"
         assert not third_process_can_take(a.path), "the parent's lock was unlocked"
-        assert record_of(a.path) == parent_record
+        assert owner_record(a.path) == parent_record
     finally:
         os.write(down, b"go\n")
-    assert wait_exit(pid) == 0
-    assert record_of(a.path) == parent_record
+    assert wait_for_exit(pid) == 0
+    assert owner_record(a.path) == parent_record
     assert not third_process_can_take(a.path)
     held.release()
     assert third_process_can_take(a.path)
-    assert record_of(a.path) is None
+    assert owner_record(a.path) is None
 
 
 @pytest.mark.parametrize("how", ["with lock", "with lock.acquire()"])
@@ -177,10 +148,10 @@ def test_child_leaving_a_with_block_entered_before_the_fork_touches_nothing(
             if ending == "raise":
                 raise RuntimeError("the child's own error")
             return
-        status = wait_exit(pid)
+        status = wait_for_exit(pid)
         assert status == (1 if ending == "raise" else 0)
         assert not third_process_can_take(lock.path)
-        record = record_of(lock.path)
+        record = owner_record(lock.path)
         assert record is not None
         assert record["pid"] == parent
 
@@ -203,7 +174,7 @@ def test_child_leaving_a_with_block_entered_before_the_fork_touches_nothing(
     if os.getpid() != end_child_if_forked:  # pragma: no cover - the child
         end_child(lambda: None)
     assert third_process_can_take(lock.path)
-    assert record_of(lock.path) is None
+    assert owner_record(lock.path) is None
 
 
 def test_explicit_release_of_an_inherited_lock_object_is_a_runtime_error(tmp_path: Path) -> None:
@@ -222,9 +193,9 @@ def test_explicit_release_of_an_inherited_lock_object_is_a_runtime_error(tmp_pat
 
         pid, up, _down = fork_child(child)
         assert read_line(up) == "RuntimeError"
-        assert wait_exit(pid) == 0
+        assert wait_for_exit(pid) == 0
         assert not third_process_can_take(lock.path)
-        assert record_of(lock.path) is not None
+        assert owner_record(lock.path) is not None
 
 
 def _collect_garbage(_task: int) -> int:
@@ -236,13 +207,13 @@ def test_fork_pool_under_held_locks_leaves_the_parents_records_and_locks(tmp_pat
     """Issue: a ``fork`` pool started under a held lock wiped the parent's owner records."""
     workspace = tmp_path / "ws"
     with WorkspaceLock(workspace) as ws, PackLock(workspace / "pack") as pack:
-        before = {lock.path: record_of(lock.path) for lock in (ws, pack)}
+        before = {lock.path: owner_record(lock.path) for lock in (ws, pack)}
         with ProcessPoolExecutor(4, mp_context=get_context("fork")) as pool:
             pids = set(pool.map(_collect_garbage, range(16)))
         assert os.getpid() not in pids
         subprocess.run([sys.executable, "-c", "pass"], preexec_fn=gc.collect, check=True)
         for lock in (ws, pack):
-            assert record_of(lock.path) == before[lock.path]
+            assert owner_record(lock.path) == before[lock.path]
             assert not third_process_can_take(lock.path)
             diagnosis = grex_locks.diagnose(lock.path)
             assert diagnosis.state is HolderState.HELD, diagnosis.explain()
@@ -272,12 +243,12 @@ def test_a_lock_nobody_references_stays_held_until_released_or_exit(tmp_path: Pa
     try:
         assert read_line(up) == "taken and forgotten"
         assert not third_process_can_take(lock_file)
-        record = record_of(lock_file)
+        record = owner_record(lock_file)
         assert record is not None
         assert record["pid"] == pid
     finally:
         os.write(down, b"exit\n")
-    assert wait_exit(pid) == 0
+    assert wait_for_exit(pid) == 0
     assert third_process_can_take(lock_file)
 
 
@@ -347,18 +318,10 @@ def test_another_users_lock_file_in_a_sticky_directory_opens_under_protected_reg
     lock_file = shared / "m.lock"
     subprocess.run([*as_nobody, sys.executable, "-c", take, str(lock_file)], check=True)
     assert lock_file.stat().st_uid == 65534
-    # flock(1) itself opens with O_CREAT, which protected_regular refuses here.
-    probe = (
-        "import fcntl, os, sys\n"
-        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
-        "try:\n"
-        "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-        "except BlockingIOError:\n"
-        "    sys.exit(75)\n"
-    )
     with ManifestLock(lock_file).write():
-        busy = subprocess.run([sys.executable, "-c", probe, str(lock_file)], check=False)
-        assert busy.returncode == CONFLICT
-        record = record_of(lock_file)
+        # (flock_n opens the lock file read-only: an O_CREAT open, as flock(1) does
+        # with a path, is what protected_regular refuses here.)
+        assert not third_process_can_take(lock_file)
+        record = owner_record(lock_file)
         assert record is not None
         assert record["pid"] == os.getpid()

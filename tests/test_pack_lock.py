@@ -25,22 +25,24 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import (
+from loguru import logger
+from support import (
     DEADLINE,
     HOLD_BACKSTOP,
     START_METHODS,
     WAIT_HELPER_THREADS,
     CancelWhenBlocked,
-    Child,
     HeldInThread,
+    PipedChild,
     acquire_in_child,
     hold_until_told,
+    holder_record,
     join_helper_threads,
     open_fd_count,
+    owner_record,
     try_in_child,
     wait_until_blocked,
 )
-from loguru import logger
 
 import grex_locks
 from grex_locks import (
@@ -61,18 +63,6 @@ from grex_locks._core import lock_file as lockfile
 #: What "promptly" means in an assertion: a bound that only a hang misses.
 #: How fast it really is belongs to scripts/bench.py, never to a test.
 PROMPTLY = 5.0
-
-
-def _record(lock: PackLock) -> dict[str, Any]:
-    data = lock.path.with_name(lock.path.name + grex_locks.OWNER_SUFFIX).read_bytes()
-    record: dict[str, Any] = json.loads(data)
-    return record
-
-
-def _record_bytes(lock: PackLock) -> bytes:
-    record_file = lock.path.with_name(lock.path.name + grex_locks.OWNER_SUFFIX)
-    # A released record is blanked in place: whitespace only means no record.
-    return record_file.read_bytes().strip() if record_file.exists() else b""
 
 
 def _run_threads(count: int, target: Any) -> None:
@@ -179,7 +169,7 @@ def _count_under_lock(
     wrong: list[dict[str, Any]] = []
     for _ in range(cycles):
         with lock:
-            record = _record(lock)
+            record = holder_record(lock.path)
             if record["pid"] != me or record["create_time"] != started:
                 wrong.append(record)
             counter.write_text(str(int(counter.read_text()) + 1))
@@ -191,7 +181,7 @@ def test_4_processes_x_200_cycles_count_exactly(pack: Path, method: str) -> None
     counter = pack / "counter"
     counter.write_text("0")
     lock = PackLock(pack)
-    children = [Child(method, _count_under_lock, lock, counter, 200) for _ in range(4)]
+    children = [PipedChild(method, _count_under_lock, lock, counter, 200) for _ in range(4)]
     try:
         for child in children:
             child.expect("ready")
@@ -211,24 +201,24 @@ def test_4_processes_x_200_cycles_count_exactly(pack: Path, method: str) -> None
 
 def test_sigkilled_holder_frees_the_lock_and_its_record_is_replaced(pack: Path) -> None:
     lock = PackLock(pack)
-    with Child("fork", hold_until_told, lock) as holder:
+    with PipedChild("fork", hold_until_told, lock) as holder:
         _, holder_pid = holder.recv()
         with pytest.raises(LockBusy):
             lock.try_acquire()
         holder.kill()
-    leftover = _record(lock)
+    leftover = holder_record(lock.path)
     assert leftover["pid"] == holder_pid
     with lock.try_acquire():
-        record = _record(lock)
+        record = holder_record(lock.path)
         assert record["pid"] == os.getpid()
         assert record["create_time"] == psutil.Process().create_time()
-    assert _record_bytes(lock) == b""
+    assert owner_record(lock.path) is None
     assert try_in_child(lock) == "acquired"
 
 
 def test_blocked_waiter_gets_the_lock_when_its_holder_is_sigkilled(pack: Path) -> None:
     lock = PackLock(pack)
-    with Child("fork", hold_until_told, lock) as holder:
+    with PipedChild("fork", hold_until_told, lock) as holder:
         holder.recv()
 
         def kill_when_waited_for() -> None:
@@ -240,7 +230,7 @@ def test_blocked_waiter_gets_the_lock_when_its_holder_is_sigkilled(pack: Path) -
         killer = threading.Thread(target=kill_when_waited_for)
         killer.start()
         with lock.acquire(timeout=HOLD_BACKSTOP * 2):
-            assert _record(lock)["pid"] == os.getpid()
+            assert holder_record(lock.path)["pid"] == os.getpid()
         killer.join(DEADLINE)
         assert holder.join() == -signal.SIGKILL
     join_helper_threads()
@@ -269,7 +259,7 @@ def test_cancel_while_another_process_holds(pack: Path, timeout: float | None) -
     lock = PackLock(pack)
     lock.try_acquire().release()  # open everything before counting descriptors
     baseline = open_fd_count()
-    with Child("fork", hold_until_told, PackLock(pack)) as holder:
+    with PipedChild("fork", hold_until_told, PackLock(pack)) as holder:
         holder.recv()
         cancel = threading.Event()
         canceller = CancelWhenBlocked(lock.path, cancel)
@@ -291,7 +281,7 @@ def test_timeout_while_another_process_holds(pack: Path) -> None:
     lock = PackLock(pack)
     lock.try_acquire().release()
     baseline = open_fd_count()
-    with Child("fork", hold_until_told, PackLock(pack)) as holder:
+    with PipedChild("fork", hold_until_told, PackLock(pack)) as holder:
         _, holder_pid = holder.recv()
         started = time.monotonic()
         with pytest.raises(LockTimeout) as caught:
@@ -312,7 +302,7 @@ def test_timeout_while_another_process_holds(pack: Path) -> None:
 def test_cancel_through_a_manager_event(pack: Path) -> None:
     lock = PackLock(pack)
     ctx = multiprocessing.get_context("fork")
-    with ctx.Manager() as manager, Child("fork", hold_until_told, PackLock(pack)) as holder:
+    with ctx.Manager() as manager, PipedChild("fork", hold_until_told, PackLock(pack)) as holder:
         holder.recv()
         cancel = manager.Event()
         canceller = CancelWhenBlocked(lock.path, cancel)
@@ -333,7 +323,7 @@ def test_cancel_already_set_at_the_call(pack: Path, contended: bool, timeout: fl
     lock = PackLock(pack)
     cancel = threading.Event()
     cancel.set()
-    with Child("fork", hold_until_told, PackLock(pack)) as holder:
+    with PipedChild("fork", hold_until_told, PackLock(pack)) as holder:
         holder.recv()
         if not contended:
             holder.send("release")
@@ -355,7 +345,7 @@ def test_timeout_zero_is_one_try(pack: Path) -> None:
         with pytest.raises(LockTimeout):
             lock.acquire(timeout=0)
         _assert_nothing_held_here_but_the_thread(lock)
-    with Child("fork", hold_until_told, PackLock(pack)) as holder:
+    with PipedChild("fork", hold_until_told, PackLock(pack)) as holder:
         holder.recv()
         started = time.monotonic()
         with pytest.raises(LockTimeout):
@@ -405,9 +395,9 @@ def _interrupted_waiter(
 @pytest.mark.parametrize("timeout", [None, 600.0], ids=["no timeout", "with timeout"])
 def test_sigint_in_blocked_acquire_leaves_nothing_held(pack: Path, timeout: float | None) -> None:
     lock = PackLock(pack)
-    with Child("fork", hold_until_told, lock) as holder:
+    with PipedChild("fork", hold_until_told, lock) as holder:
         holder.recv()
-        with Child("fork", _interrupted_waiter, lock, timeout) as waiter:
+        with PipedChild("fork", _interrupted_waiter, lock, timeout) as waiter:
             waiter.expect("ready")
             wait_until_blocked(lock.path, waiter.pid)
             os.kill(waiter.pid, signal.SIGINT)
@@ -515,8 +505,8 @@ def _storm(
     """Storm ``pack``; return (first leak, leak count, stuck helper threads, a third's try)."""
     lock = PackLock(pack)
     with (
-        Child("fork", hold_until_told, PackLock(pack)) as holder,
-        Child(
+        PipedChild("fork", hold_until_told, PackLock(pack)) as holder,
+        PipedChild(
             "fork", _interrupt_storm, lock, StormPlan(timeout, latest, keep_going, iterations)
         ) as storm,
     ):
@@ -619,7 +609,7 @@ def test_symlink_at_the_record_path_is_replaced_not_written_through(
     lock = PackLock(pack)
     with lock:
         assert not record_file.is_symlink()
-        assert _record(lock)["pid"] == os.getpid()
+        assert holder_record(lock.path)["pid"] == os.getpid()
     assert target.read_bytes() == b"precious bytes"
 
 
@@ -730,7 +720,7 @@ def grex_log() -> Iterator[list[Any]]:
 @pytest.mark.timeout(HOLD_BACKSTOP + 20)
 def test_tier_violation_raises_before_any_waiting(pack: Path, tmp_path: Path) -> None:
     contested = PackLock(pack)
-    with Child("fork", hold_until_told, PackLock(pack)) as holder:
+    with PipedChild("fork", hold_until_told, PackLock(pack)) as holder:
         holder.recv()
         with BackendLock(tmp_path / "dest"):
             # A wait here would last until the holder's backstop and then succeed.

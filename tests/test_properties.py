@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from support import DEADLINE
 
 from grex_locks import (
     LockBusy,
@@ -44,8 +45,6 @@ from grex_locks._core.fair_queue import queues_in_use as registry_size
 N_THREADS = 3
 N_PACKS = 3
 N_OBJECTS = 2 * N_PACKS  # object i locks pack i % N_PACKS
-#: Bound on every hand-off with a worker thread; only a broken test waits this long.
-DEADLINE = 20.0
 
 
 def pack_of(obj: int) -> int:

@@ -8,19 +8,18 @@ import multiprocessing
 import os
 import pickle
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_locks import (
+from loguru import logger
+from support import (
     DEADLINE,
     Children,
     InThread,
-    assert_clean,
+    hold_every_permit,
     hold_permit,
-    hold_permits_in_threads,
     max_inside,
     must_wait,
     permit_in_pool,
@@ -28,7 +27,6 @@ from helpers_locks import (
     run_under_permits,
     wait_until_blocked,
 )
-from loguru import logger
 
 from grex_locks import (
     OWNER_SUFFIX,
@@ -39,18 +37,6 @@ from grex_locks import (
     Tier,
     TierViolation,
 )
-
-
-@pytest.fixture(autouse=True)
-def _registry_empty_after() -> Iterator[None]:
-    yield
-    assert_clean()
-
-
-@pytest.fixture(params=["local", "slots_dir"])
-def slots_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
-    """No slots_dir (a process-local bound), or a fresh slots directory."""
-    return None if request.param == "local" else tmp_path / "slots"
 
 
 class PermitsHeld:
@@ -211,7 +197,7 @@ def test_cancel_while_another_process_holds_every_slot(tmp_path: Path) -> None:
     scheduler = Scheduler(bound, slots_dir=tmp_path / "slots")
     with Children("spawn") as children:
         held, release = children.event(), children.event()
-        children.start(hold_permits_in_threads, scheduler, bound, held, release)
+        children.start(hold_every_permit, bound, tmp_path / "slots", held, release)
         must_wait(held, "the other process to take every slot")
         with pytest.raises(LockBusy):
             scheduler.try_acquire()
@@ -226,7 +212,7 @@ def test_cancel_while_another_process_holds_every_slot(tmp_path: Path) -> None:
         with pytest.raises(LockTimeout):
             scheduler.acquire(timeout=0.05)
         release.set()
-        assert children.results() == [bound]
+        assert children.results() == [["holder-0", "holder-1"]]
     _assert_exactly(scheduler, bound)
 
 

@@ -5,22 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_locks import DEADLINE, Children, MpBarrier, MpEvent, assert_clean, must_wait
+from support import DEADLINE, Children, MpBarrier, hold_every_permit, must_wait
 
 from grex_locks import LockBusy, LockIOError, Scheduler
 from grex_locks.scheduler import BOUND_FILE_NAME
-
-
-@pytest.fixture(autouse=True)
-def _registry_empty_after() -> Iterator[None]:
-    yield
-    assert_clean()
-
 
 # -- child targets -------------------------------------------------------------------------------
 
@@ -34,26 +25,6 @@ def construct(parallel: int, slots_dir: Path, start: MpBarrier | None = None) ->
     except ValueError as exc:
         return f"refused: {exc}"
     return "ok"
-
-
-def hold_every_permit(parallel: int, slots_dir: Path, held: MpEvent, release: MpEvent) -> int:
-    """Hold all ``parallel`` permits, one thread each (as a pool would), until ``release``."""
-    scheduler = Scheduler(parallel, slots_dir=slots_dir)
-    taken = threading.Barrier(parallel + 1)
-
-    def hold_one() -> None:
-        with scheduler.acquire(timeout=DEADLINE):
-            taken.wait(DEADLINE)
-            release.wait(3 * DEADLINE)
-
-    threads = [threading.Thread(target=hold_one) for _ in range(parallel)]
-    for thread in threads:
-        thread.start()
-    taken.wait(DEADLINE)
-    held.set()
-    for thread in threads:
-        thread.join(4 * DEADLINE)
-    return parallel
 
 
 # -- one bound per directory ---------------------------------------------------------------------
@@ -91,7 +62,7 @@ def test_two_and_four_next_to_each_other_never_let_four_permits_out(tmp_path: Pa
             Scheduler(2, slots_dir=slots).try_acquire()
         assert sorted(p.name for p in slots.glob("slot-*.lock")) == ["slot-0.lock", "slot-1.lock"]
         release.set()
-        assert children.results() == [2]
+        assert children.results() == [["holder-0", "holder-1"]]
 
 
 def test_processes_racing_to_record_a_bound_agree_on_one(tmp_path: Path) -> None:

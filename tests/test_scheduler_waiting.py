@@ -16,7 +16,6 @@ import pickle
 import select
 import signal
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,39 +23,23 @@ from types import FrameType
 from typing import Any
 
 import pytest
-from helpers_locks import (
+from support import (
     DEADLINE,
     Children,
+    HeldInThread,
     InThread,
     MpEvent,
-    assert_clean,
     flock_waiters,
+    hold_every_permit,
     must_wait,
+    until,
+    wait_for_exit,
 )
 
 import grex_locks._holder_errors as holder_errors
 import grex_locks.scheduler as scheduler_module
-from grex_locks import LockBusy, LockCancelled, LockTimeout, Scheduler
+from grex_locks import LockBusy, LockCancelled, LockTimeout, Permit, Scheduler
 from grex_locks.scheduler import PermitsBusy, PermitTimeout, SchedulerStatistics
-
-
-@pytest.fixture(autouse=True)
-def _registry_empty_after() -> Iterator[None]:
-    yield
-    assert_clean()
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Return once ``condition()`` holds; fail with ``what`` after ``timeout``.
-
-    Observes state the test needs (threads queued, a process blocked in the
-    kernel) that nothing signals; the pause is a test's, never the library's.
-    """
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        pause.wait(0.002)
 
 
 def slot_files(slots: Path, count: int) -> list[Path]:
@@ -67,48 +50,12 @@ def helper_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "grex-locks-flock-wait")
 
 
-class HeldInThread:
-    """A permit of ``scheduler`` held by a thread of its own until :meth:`release`."""
-
-    def __init__(self, scheduler: Scheduler, name: str | None = None) -> None:
-        self._taken = threading.Event()
-        self._release = threading.Event()
-        self._thread = InThread(lambda: self._hold(scheduler), name=name)
-        must_wait(self._taken, "a thread to take a permit")
-
-    def _hold(self, scheduler: Scheduler) -> None:
-        with scheduler.acquire(timeout=DEADLINE):
-            self._taken.set()
-            must_wait(self._release, "the end of the test")
-
-    def release(self) -> None:
-        self._release.set()
-        self._thread.result()
+def a_permit(scheduler: Scheduler) -> Callable[[], Permit]:
+    """What :class:`~support.HeldInThread` takes to hold a permit of ``scheduler``."""
+    return functools.partial(scheduler.acquire, timeout=DEADLINE)
 
 
 # -- child targets -------------------------------------------------------------------------------
-
-
-def hold_all_in_named_threads(
-    parallel: int, slots: Path, held: MpEvent, release: MpEvent
-) -> list[str]:
-    """Hold every permit, each in a thread named ``holder-<n>``, until ``release``."""
-    scheduler = Scheduler(parallel, slots_dir=slots)
-    taken = threading.Barrier(parallel + 1)
-
-    def hold_one() -> None:
-        with scheduler.acquire(timeout=DEADLINE):
-            taken.wait(DEADLINE)
-            release.wait(3 * DEADLINE)
-
-    threads = [threading.Thread(target=hold_one, name=f"holder-{n}") for n in range(parallel)]
-    for thread in threads:
-        thread.start()
-    taken.wait(DEADLINE)
-    held.set()
-    for thread in threads:
-        thread.join(4 * DEADLINE)
-    return [thread.name for thread in threads]
 
 
 def drop_a_permit(slots: Path, dropped: MpEvent, finish: MpEvent) -> int:
@@ -134,7 +81,7 @@ def all_slots_held_elsewhere(tmp_path: Path) -> Iterator[tuple[Scheduler, int, P
     slots = tmp_path / "slots"
     with Children("spawn") as children:
         held, release = children.event(), children.event()
-        pid = children.start(hold_all_in_named_threads, 3, slots, held, release)
+        pid = children.start(hold_every_permit, 3, slots, held, release)
         must_wait(held, "the other process to take every slot")
         try:
             yield Scheduler(3, slots_dir=slots), pid, slots
@@ -206,7 +153,7 @@ def test_refusals_diagnose_only_when_read(
 
 def test_an_in_process_refusal_names_the_threads_holding_permits() -> None:
     scheduler = Scheduler(2)
-    holders = [HeldInThread(scheduler, f"local-holder-{n}") for n in range(2)]
+    holders = [HeldInThread(a_permit(scheduler), f"local-holder-{n}") for n in range(2)]
     try:
         with pytest.raises(LockBusy, match="local-holder-0") as busy:
             scheduler.try_acquire()
@@ -264,7 +211,7 @@ def test_threads_are_served_first_in_first_out(tmp_path: Path) -> None:
 
     with Children("spawn") as children:
         held, release = children.event(), children.event()
-        children.start(hold_all_in_named_threads, 1, slots, held, release)
+        children.start(hold_every_permit, 1, slots, held, release)
         must_wait(held, "the other process to take the slot")
         names = [f"waiter-{n}" for n in range(6)]
         waiters = []
@@ -283,9 +230,9 @@ def test_statistics_count_permits_and_waiters(slots_dir: Path | None) -> None:
     assert scheduler.statistics() == SchedulerStatistics(2, 0, 0, 0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         scheduler.statistics().permits_out = 5  # type: ignore[misc]
-    first = HeldInThread(scheduler)
+    first = HeldInThread(a_permit(scheduler))
     assert scheduler.statistics().permits_out == 1
-    second = HeldInThread(scheduler)
+    second = HeldInThread(a_permit(scheduler))
     assert scheduler.statistics().permits_out == 2
     cancel = threading.Event()
     waiter = InThread(lambda: scheduler.acquire(cancel=cancel))
@@ -344,7 +291,7 @@ def in_forked_child(body: Callable[[], Any]) -> Any:
             data += chunk
     finally:
         os.close(read_end)
-    os.waitpid(pid, 0)
+    wait_for_exit(pid)
     outcome = json.loads(data)
     assert "error" not in outcome, outcome.get("error")
     return outcome["ok"]
@@ -353,7 +300,7 @@ def in_forked_child(body: Callable[[], Any]) -> Any:
 def test_a_forked_child_holds_no_permits_and_cannot_give_back_the_parents(tmp_path: Path) -> None:
     slots = tmp_path / "slots"
     shared, local = Scheduler(1, slots_dir=slots), Scheduler(1)
-    local_permit = HeldInThread(local)
+    local_permit = HeldInThread(a_permit(local))
     with shared.acquire() as permit:
         # A thread of the parent waits for the slot (at the head of the line) as it forks.
         cancel = threading.Event()

@@ -31,17 +31,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from support import BUSY, DEADLINE, FLOCK, Json, flock_n, owner_record, record_file
+
 import grex_locks
 from grex_locks import ManifestLock, PackLock
 
-DEADLINE = 15.0
 PYTHON = sys.executable
 SETPRIV = shutil.which("setpriv")
-FLOCK = shutil.which("flock")
-#: ``flock -n -E BUSY`` exits with this when the lock is held by someone else.
-BUSY = 75
-
-Json = dict[str, Any]
 
 
 def user_server() -> None:
@@ -77,9 +73,12 @@ def user_server() -> None:
 
 import pytest  # noqa: E402 - below the part that user servers run
 
+#: Runs the part of this file above the marker as a user server (``entry()``), with this
+#: file's directory on ``sys.path`` for ``support``.
 _MARKER = "# == helper processes run this file up to here"
 _BOOT = (
-    "import sys; path = sys.argv[1]; source = open(path).read().split({marker!r})[0]; "
+    "import os, sys; path = sys.argv[1]; sys.path.insert(0, os.path.dirname(path)); "
+    "source = open(path).read().split({marker!r})[0]; "
     "namespace = {{'__name__': '_shared_dirs_helper'}}; "
     "exec(compile(source, path, 'exec'), namespace); namespace[{entry!r}]()"
 )
@@ -217,31 +216,6 @@ def lock_file_of(kind: str, workspace: Path) -> tuple[str, Path]:
     return str(pack), pack / grex_locks.PACK_LOCK_FILE_NAME
 
 
-def record_of(lock_file: Path) -> Path:
-    return lock_file.with_name(lock_file.name + grex_locks.OWNER_SUFFIX)
-
-
-def read_record(lock_file: Path) -> Json | None:
-    """The record as a dict; None when there is none (no file, blank, or not a regular file)."""
-    path = record_of(lock_file)
-    if not path.is_file() or path.is_symlink():
-        return None
-    data = path.read_bytes()
-    if not data.strip():
-        return None
-    record: Json = json.loads(data)
-    return record
-
-
-def flock_n(lock_file: Path) -> int:
-    """util-linux ``flock -n`` on a descriptor opened read-only, without creating anything."""
-    assert FLOCK is not None
-    script = 'exec 3<"$1" || exit 2; exec "$2" -n -E 75 3'
-    return subprocess.run(
-        ["sh", "-c", script, "sh", str(lock_file), FLOCK], check=False, timeout=DEADLINE
-    ).returncode
-
-
 def uid_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
@@ -252,7 +226,7 @@ def uid_of(pid: int) -> int:
 def assert_held_by(lock_file: Path, pid: int, uid: int, *, record_required: bool = True) -> None:
     """A third process finds the lock busy, and the record (if any) names ``pid`` of ``uid``."""
     assert flock_n(lock_file) == BUSY, f"{lock_file} is free while pid {pid} holds it"
-    record = read_record(lock_file)
+    record = owner_record(lock_file)
     if record is None:
         assert not record_required, f"{lock_file}: no record while pid {pid} (uid {uid}) holds it"
         return
@@ -262,7 +236,7 @@ def assert_held_by(lock_file: Path, pid: int, uid: int, *, record_required: bool
 
 def assert_free(lock_file: Path) -> None:
     assert flock_n(lock_file) == 0, f"{lock_file} is still busy"
-    assert read_record(lock_file) is None, f"a record is left: {read_record(lock_file)}"
+    assert owner_record(lock_file) is None, f"a record is left: {owner_record(lock_file)}"
 
 
 def hold_and_check(server: UserServer, kind: str, target: str, lock_file: Path) -> None:
@@ -327,7 +301,7 @@ def test_each_user_takes_the_lock_after_another_user(
         else:
             hold_and_check(server, kind, target, lock_file)
     # Whoever left it, the record file is still a plain file at its path.
-    assert record_of(lock_file).is_file()
+    assert record_file(lock_file).is_file()
 
 
 # -- what may sit at the record path --------------------------------------------------------
@@ -362,13 +336,13 @@ def test_a_root_owned_read_only_record_never_locks_another_user_out(
     workspace = shared_dir(base, sharing)
     target, lock_file = lock_file_of("pack", workspace)
     PackLock(target)  # the lock file, root's, as a first holder would leave it
-    legacy = _legacy_record(record_of(lock_file), blank)
+    legacy = _legacy_record(record_file(lock_file), blank)
     nobody = users["nobody"]
     nobody.do({"op": "take", "kind": "pack", "path": target})
     try:
         # Taken without a record is acceptable (the record is information); a record
         # that names anyone must name the holder.
-        record = read_record(lock_file)
+        record = owner_record(lock_file)
         stale = record is not None and record["pid"] == 999_999
         assert flock_n(lock_file) == BUSY
         if not stale:
@@ -377,7 +351,7 @@ def test_a_root_owned_read_only_record_never_locks_another_user_out(
         nobody.do({"op": "release", "path": target})
     assert flock_n(lock_file) == 0
     if stale:
-        assert record_of(lock_file).read_bytes() == legacy, "root's record changed in place"
+        assert record_file(lock_file).read_bytes() == legacy, "root's record changed in place"
 
 
 @pytest.mark.parametrize("who", ["root", "nobody"])
@@ -386,7 +360,7 @@ def test_a_directory_at_the_record_path_is_left_alone(
 ) -> None:
     workspace = shared_dir(base, "sticky")
     target, lock_file = lock_file_of("pack", workspace)
-    directory = record_of(lock_file)
+    directory = record_file(lock_file)
     directory.mkdir()
     (directory / "keep").write_bytes(b"keep me\n")
     before = os.stat(directory)
@@ -429,7 +403,7 @@ def test_a_symlink_at_the_record_path_is_never_written_through(
         os.chown(victim, taker.uid, taker.gid)  # writable by the taker: only a follow would hurt
     workspace = shared_dir(base, "sticky")
     target, lock_file = lock_file_of("pack", workspace)
-    planter.do({"op": "symlink", "path": str(record_of(lock_file)), "target": str(victim)})
+    planter.do({"op": "symlink", "path": str(record_file(lock_file)), "target": str(victim)})
 
     def victim_intact() -> None:
         if exists:
@@ -445,7 +419,7 @@ def test_a_symlink_at_the_record_path_is_never_written_through(
         taker.do({"op": "release", "path": target})
     victim_intact()
     assert flock_n(lock_file) == 0
-    record = record_of(lock_file)
+    record = record_file(lock_file)
     if record.is_symlink():
         assert os.readlink(record) == str(victim), "the symlink was changed, not replaced"
     else:
@@ -462,7 +436,7 @@ def test_a_hard_link_at_the_record_path_never_changes_the_linked_file(
     mine = workspace / "mine"
     content = b"another file of the same user\n"
     server.do({"op": "write", "path": str(mine), "data": content.decode()})
-    server.do({"op": "link", "path": str(record_of(lock_file)), "target": str(mine)})
+    server.do({"op": "link", "path": str(record_file(lock_file)), "target": str(mine)})
     assert os.stat(mine).st_nlink == 2
     server.do({"op": "take", "kind": "pack", "path": target})
     try:
@@ -480,7 +454,7 @@ def test_a_fifo_at_the_record_path_neither_hangs_nor_locks_out(
 ) -> None:
     workspace = shared_dir(base, "sticky")
     target, lock_file = lock_file_of("pack", workspace)
-    os.mkfifo(record_of(lock_file), 0o666)
+    os.mkfifo(record_file(lock_file), 0o666)
     server = users[who]
     started = time.monotonic()
     server.do({"op": "take", "kind": "pack", "path": target})

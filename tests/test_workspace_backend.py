@@ -6,20 +6,20 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_locks import (
+from support import (
     DEADLINE,
     Children,
+    HeldInThread,
     InThread,
-    assert_clean,
+    PipedChild,
     attempt_sync,
     fetch_repeatedly,
-    hold_lock,
-    must_wait,
+    hold_until_told,
     read_audit,
     try_lock,
 )
@@ -35,13 +35,6 @@ from grex_locks import (
     WorkspaceBusy,
     WorkspaceLock,
 )
-
-
-@pytest.fixture(autouse=True)
-def _registry_empty_after() -> Iterator[None]:
-    yield
-    assert_clean()
-
 
 # -- WorkspaceLock -----------------------------------------------------------------------------
 
@@ -60,16 +53,7 @@ def test_second_sync_in_another_thread_is_refused_at_once_naming_the_first(
     tmp_path: Path,
 ) -> None:
     first = WorkspaceLock(tmp_path)
-    held, release = threading.Event(), threading.Event()
-
-    def sync() -> None:
-        with first:
-            held.set()
-            release.wait(DEADLINE)
-
-    syncing = InThread(sync, name="first-sync")
-    try:
-        must_wait(held, "the first sync to start")
+    with HeldInThread(first, name="first-sync"):
         # A second sync, through its own lock object or through the first's.
         for lock in (WorkspaceLock(tmp_path), first):
             for take in _every_way_to_take(lock):
@@ -82,9 +66,6 @@ def test_second_sync_in_another_thread_is_refused_at_once_naming_the_first(
                 assert caught.value.path == tmp_path / SYNC_LOCK_FILE_NAME
                 assert not isinstance(caught.value, LockTimeout)
         assert first.held
-    finally:
-        release.set()
-        syncing.result()
     assert not first.held
 
 
@@ -101,10 +82,8 @@ def test_second_sync_in_the_same_thread_is_refused(tmp_path: Path) -> None:
 def test_second_sync_in_another_process_is_refused_at_once_naming_the_first(
     tmp_path: Path,
 ) -> None:
-    with Children() as children:
-        held, release = children.event(), children.event()
-        holder_pid = children.start(hold_lock, WorkspaceLock(tmp_path), held, release)
-        must_wait(held, "the first sync to start")
+    with PipedChild("spawn", hold_until_told, WorkspaceLock(tmp_path)) as first_sync:
+        _, holder_pid = first_sync.recv()  # the first sync has started
         for take in _every_way_to_take(WorkspaceLock(tmp_path)):
             with pytest.raises(WorkspaceBusy) as caught:
                 take()
@@ -114,8 +93,9 @@ def test_second_sync_in_another_process_is_refused_at_once_naming_the_first(
             assert holder.owner is not None
             assert holder.owner["pid"] == holder_pid
             assert holder.owner["tier"] == Tier.WORKSPACE_SYNC
-        release.set()
-        assert children.results() == [holder_pid]
+        first_sync.send("release")
+        first_sync.expect("released")
+        assert first_sync.join() == 0
     with WorkspaceLock(tmp_path):
         pass
 
