@@ -396,6 +396,7 @@ def _wait_gone(pid: int, deadline: float) -> None:
 # -- a short randomized run --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_a_short_randomized_chaos_run_has_no_exactness_miss() -> None:
     result = subprocess.run(

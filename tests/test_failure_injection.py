@@ -128,6 +128,7 @@ def test_a_refused_record_write_never_refuses_the_lock(
 # -- KeyboardInterrupt storms ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_keyboard_interrupt_anywhere_leaves_nothing_behind(tmp_path: Path) -> None:
     """Interrupts land inside acquire and release, waits included; afterwards all is clean.
@@ -149,6 +150,7 @@ def test_keyboard_interrupt_anywhere_leaves_nothing_behind(tmp_path: Path) -> No
 # -- a churning kernel lock table ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_diagnose_sees_a_held_lock_while_the_kernel_lock_table_churns(tmp_path: Path) -> None:
     """A lock held all along is HELD in every diagnosis, however busy /proc/locks is.

@@ -884,6 +884,7 @@ def test_set_tier_check_overrides_the_env_var() -> None:
 # -- scale --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_100_000_packs_leave_no_registry_entries_or_descriptors() -> None:
     shm = Path("/dev/shm")

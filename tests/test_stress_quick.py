@@ -40,6 +40,7 @@ def run_stress(*args: str, timeout: float) -> tuple[int, str, dict[str, int]]:
     return result.returncode, output, totals
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_quick_chaos_run_finds_no_violation() -> None:
     status, output, totals = run_stress("--quick", "--duration", "25", timeout=110)
@@ -55,6 +56,7 @@ def test_quick_chaos_run_finds_no_violation() -> None:
     assert totals["exact"] > 50
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_chaos_run_catches_a_broken_lock() -> None:
     status, output, totals = run_stress(
@@ -65,6 +67,7 @@ def test_chaos_run_catches_a_broken_lock() -> None:
     assert "mutual exclusion broken" in output
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_chaos_run_catches_a_child_that_unlocks_its_parent() -> None:
     status, output, totals = run_stress(
