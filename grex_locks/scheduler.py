@@ -524,7 +524,7 @@ class Scheduler:
             if not self._slots:
                 ticket = Ticket(threading.get_ident(), False)
                 undo.callback(permits.queue.leave, ticket)
-                if not permits.queue.enter(ticket, wait=wait, deadline=deadline, cancel=cancel):
+                if not permits.queue.enter(ticket, wait, deadline, cancel, None):
                     raise self._refusal(permits, wait, started, cancel)
             else:
                 attempt = _SlotAttempt()
@@ -568,9 +568,9 @@ class Scheduler:
         ticket = Ticket(threading.get_ident(), True)
         undo.callback(turn.leave, ticket)
         try:
-            if not turn.enter(ticket, wait=False):
+            if not turn.enter(ticket, False, None, None, None):
                 looked = False
-                if not turn.enter(ticket, wait=True, deadline=deadline, cancel=cancel):
+                if not turn.enter(ticket, True, deadline, cancel, None):
                     return None
             if remaining(deadline) == 0.0 or is_cancelled(cancel):
                 return None

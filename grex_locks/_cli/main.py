@@ -99,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
 
-    who = commands.add_parser(
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=verbose, help=summary, description=description)
+
+    who = command(
         "who",
-        parents=verbose,
-        help="diagnose locks: who holds them, since when, is it safe to wait",
-        description="Diagnose each PATH: a lock file; an owner record X.owner (lock X); a "
+        "diagnose locks: who holds them, since when, is it safe to wait",
+        "Diagnose each PATH: a lock file; an owner record X.owner (lock X); a "
         "directory (every grex lock file directly in it: .grex-lock, .grex.sync.lock, "
         ".grex.lock, *.grex-backend.lock, slot-<n>.lock, any file with a .owner beside it). "
         "Exit 0 if all are free or only stale, 1 if any is in another state (held, or "
@@ -113,34 +115,38 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--json", action="store_true", help="print a JSON array of diagnoses")
     who.set_defaults(handler=cmd_who)
 
-    scan_cmd = commands.add_parser(
-        "scan",
-        parents=verbose,
-        help="diagnose every grex lock under a directory",
-        description="Diagnose every grex lock under ROOT. The table shows what needs "
-        "attention (every state but FREE, and what could not be read), then a line of "
-        "counts; wait-for cycles follow. Exit 0, or 2 on error (ROOT missing, or parts of "
-        "it could not be read: they are listed as UNREADABLE).",
-    )
-    scan_cmd.add_argument("root", metavar="ROOT", help="directory to search")
-    scan_cmd.add_argument("--all", action="store_true", help="list every lock, free ones too")
-    scan_cmd.add_argument(
-        "--json", action="store_true", help="print a JSON array of every diagnosis"
-    )
-    scan_cmd.set_defaults(handler=cmd_scan)
-
-    doctor = commands.add_parser(
-        "doctor",
-        parents=verbose,
-        help="list owner records left behind by dead holders",
-        description="List stale owner records under ROOT. With --prune, remove each one "
-        "that is a regular file and whose lock the kernel shows free at that moment; "
-        "anything else at a record path is listed with what to do by hand. Lock files are "
-        "never touched.",
-    )
-    doctor.add_argument("root", metavar="ROOT", help="directory to search")
-    doctor.add_argument("--prune", action="store_true", help="remove verifiably stale records")
-    doctor.set_defaults(handler=cmd_doctor)
+    for name, summary, description, flag, flag_help, handler in (
+        (
+            "scan",
+            "diagnose every grex lock under a directory",
+            "Diagnose every grex lock under ROOT. The table shows what needs attention "
+            "(every state but FREE, and what could not be read), then a line of counts; "
+            "wait-for cycles follow. Exit 0, or 2 on error (ROOT missing, or parts of it "
+            "could not be read: they are listed as UNREADABLE).",
+            "--all",
+            "list every lock, free ones too",
+            cmd_scan,
+        ),
+        (
+            "doctor",
+            "list owner records left behind by dead holders",
+            "List stale owner records under ROOT. With --prune, remove each one that is a "
+            "regular file and whose lock the kernel shows free at that moment; anything "
+            "else at a record path is listed with what to do by hand. Lock files are never "
+            "touched.",
+            "--prune",
+            "remove verifiably stale records",
+            cmd_doctor,
+        ),
+    ):
+        walker = command(name, summary, description)
+        walker.add_argument("root", metavar="ROOT", help="directory to search")
+        walker.add_argument(flag, action="store_true", help=flag_help)
+        if name == "scan":
+            walker.add_argument(
+                "--json", action="store_true", help="print a JSON array of every diagnosis"
+            )
+        walker.set_defaults(handler=handler)
 
     run = commands.add_parser(
         "run",

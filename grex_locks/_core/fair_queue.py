@@ -93,9 +93,9 @@ class FairQueue:
         self,
         ticket: Ticket,
         wait: bool,
-        deadline: float | None = None,
-        cancel: CancelEvent | None = None,
-        watch: tuple[object, str] | None = None,
+        deadline: float | None,
+        cancel: CancelEvent | None,
+        watch: tuple[object, str] | None,
     ) -> bool:
         """Admit ``ticket`` now, or (if ``wait``) once it reaches the head and fits.
 
