@@ -1,6 +1,7 @@
 """grex_locks: grex's five-tier file locks, thread- and process-safe, with diagnostics.
 
-The public API; see ``API.md`` for the contract. This module holds no logic.
+The public API, documented in ``docs/`` (the reference is generated from these
+names' docstrings). This module holds no logic.
 """
 
 from loguru import logger

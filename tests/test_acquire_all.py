@@ -168,7 +168,7 @@ def test_a_busy_workspace_in_a_group_leaves_the_others_free(tmp_path: Path) -> N
 def test_a_lock_this_thread_already_holds_is_refused_and_nothing_is_kept(
     tmp_path: Path, mode: TierCheckMode
 ) -> None:
-    """Re-entry is checked first, in every tier check mode (API.md, Tiers): LockBusy."""
+    """Re-entry is checked first, in every tier check mode (docs/locks.md, tiers): LockBusy."""
     a, b, c = _packs(tmp_path, 3)
     set_tier_check(mode)
     try:

@@ -338,6 +338,9 @@ def test_run_passes_signals_on(pack: Path, sig: signal.Signals) -> None:
     run = spawn_cli("run", str(pack), "--", sys.executable, "-c", CHILD)
     read_line(run)
     run.send_signal(sig)
+    # The command must end by the signal passed on, not by its stdin closing
+    # (which finish() does): so wait for it first, stdin still open.
+    run.wait(timeout=DEADLINE)
     status, err = finish(run)
     assert status == 128 + sig
     assert "Traceback" not in err

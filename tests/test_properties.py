@@ -352,7 +352,7 @@ TestPackLockModel = PackLockModel.TestCase
 
 
 def test_acquire_all_reports_reentry_before_the_tier_order(tmp_path: Path) -> None:
-    """API.md: re-entry on a lock this thread holds is LockBusy, checked before the tier order."""
+    """The contract: re-entry on a lock this thread holds is LockBusy, before the tier order."""
     first, second = PackLock(tmp_path / "a"), PackLock(tmp_path / "b")
     with first.acquire(), pytest.raises(LockBusy):
         acquire_all([first, second], timeout=0)

@@ -1,6 +1,6 @@
 """``grex-locks``: who holds a grex lock, which records are stale, and running a command under one.
 
-Exit codes follow ``API.md``: ``who`` answers 0 when every lock is free (or
+Exit codes follow ``docs/cli.md``: ``who`` answers 0 when every lock is free (or
 only a stale record is left), 1 when any is in another state (held, or
 ``UNREADABLE``), 2 on a usage error or a missing path; ``scan`` and
 ``doctor`` 0, or 2 on error (a missing ROOT, or parts that could not be

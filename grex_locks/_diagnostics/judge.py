@@ -4,7 +4,7 @@
 raises share, given a :class:`Probe` that caches what one inspection learns
 (the kernel table, open files, processes), so a scan over ten thousand locks
 reads the kernel table once and asks about each process once. One row of the
-state table in ``API.md`` is one return of :func:`_verdict`.
+state table in ``docs/diagnostics.md`` is one return of :func:`_verdict`.
 """
 
 from __future__ import annotations
