@@ -178,3 +178,22 @@ def test_real_tier_violation_cancel_and_io_errors(pack: Path, tmp_path: Path) ->
         assert str(error.path) in str(error)
         assert "delete" not in str(error).lower()
         _assert_same(_round_trip(error), error)
+
+
+def test_holds_permits_and_groups_refuse_to_pickle_saying_what_to_send(tmp_path: Path) -> None:
+    """A hold is one thread's; what travels is the lock object (as a fresh, unheld lock)."""
+    import grex_locks
+
+    scheduler = grex_locks.Scheduler(1, slots_dir=tmp_path / "slots")
+    with scheduler.acquire() as permit:
+        with pytest.raises(TypeError, match=r"scheduler permit .* cannot be sent"):
+            pickle.dumps(permit)
+        packs = [grex_locks.PackLock(tmp_path / "a"), grex_locks.PackLock(tmp_path / "b")]
+        with grex_locks.acquire_all(packs) as group:
+            with pytest.raises(TypeError, match=r"group of locks .* cannot be sent"):
+                pickle.dumps(group)
+            with pytest.raises(TypeError, match="send the lock object itself"):
+                pickle.dumps(packs[0]._core.hold_of_current_thread())
+            fresh = pickle.loads(pickle.dumps(packs[0]))  # noqa: S301 - our own bytes
+            assert fresh.path == packs[0].path
+            assert not fresh.held

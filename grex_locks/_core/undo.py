@@ -13,7 +13,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .fork import generation
 
@@ -197,6 +197,13 @@ class UndoHandle(ReleasedOnExit):
         if threading.get_ident() != self._thread:
             raise RuntimeError(f"a {self._what} must be released by the thread that acquired it")
         self._close_undo()
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            f"a {self._what} belongs to the thread that acquired it and cannot be sent to "
+            "another process; send what it was acquired from (a lock object, or a Scheduler "
+            "with a slots_dir), which arrives as a fresh, unheld one"
+        )
 
     def _close_undo(self) -> None:
         undo = self._undo
