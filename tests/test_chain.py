@@ -57,7 +57,11 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return most
 
 
-@pytest.mark.parametrize("method", ["spawn", "fork"])
+@pytest.mark.parametrize(
+    "method",
+    # spawn starts a fresh interpreter per worker: 2.5-6.5 s here, so only in the full run.
+    [pytest.param("spawn", marks=pytest.mark.slow), "fork"],
+)
 def test_a_pool_walking_three_trees_that_share_packs(tmp_path: Path, method: str) -> None:
     events = tmp_path / "events.jsonl"
     workspace = Workspace(
