@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ._core.tiers import enter_tier
-from ._core.undo import Undo, UndoHandle
+from ._core.undo import Undo, UndoHandle, held_until_released
 from ._core.waiting import CancelEvent, deadline_after
 from .locks import _FileLock
 
@@ -51,10 +51,13 @@ def acquire_all(
     ordered = [unique[key] for key in sorted(unique)]
     for lock in ordered:
         lock._core.refuse_reentry()
-    with Undo() as undo:
+
+    def take_all(undo: Undo) -> HeldGroup:
         if ordered:
             enter_tier(undo, ordered[0]._core.tier, ordered[0].path)
         for lock in ordered:
-            undo.callback(lock._core.release_if_held)
+            undo.push(lock._core.release_if_held)
             lock._take(wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True)
-        return HeldGroup(undo.keep(), ordered)
+        return HeldGroup(undo, ordered)
+
+    return held_until_released(take_all)

@@ -52,7 +52,7 @@ from ._core.kernel_wait import kernel_wait as kernel_wait_for
 from ._core.lock_file import FileKey
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier, enter_tier
-from ._core.undo import Undo, UndoHandle
+from ._core.undo import Undo, UndoHandle, held_until_released
 from ._core.waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
 from ._holder_errors import holder_of
 from .errors import LockBusy, LockCancelled, LockIOError, LockTimeout
@@ -398,26 +398,6 @@ class Permit(UndoHandle):
         #: The slot lock file this permit holds (``None`` for an in-process scheduler).
         self.slot = slot
 
-    def release(self) -> None:
-        """Give the permit back; only the thread that acquired it may, and only once.
-
-        In a forked child, releasing a permit inherited from the parent does
-        nothing, however often: the parent holds it.
-        """
-        super().release()
-        _held_until_released.pop(self, None)
-
-
-#: Every permit handed out and not yet released: a permit lasts until released
-#: even if the program keeps no reference to it. Its steps stay on an ordinary
-#: stack until the last statement before the permit is returned (a dict store,
-#: where no signal handler can run): an interruption anywhere before that leaves
-#: a stack nobody references, which unwinds itself, instead of a permit held
-#: for good that no caller ever received.
-_held_until_released: dict[Permit, None] = {}
-
-os.register_at_fork(after_in_child=_held_until_released.clear)
-
 
 class Scheduler:
     """Bounds how many pack operations run at once: at most ``parallel`` permits out.
@@ -501,15 +481,11 @@ class Scheduler:
 
     def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Permit:
         """Wait for a permit; raise :class:`LockTimeout` or :class:`LockCancelled` if none comes."""
-        permit = self._acquire(wait=True, deadline=deadline_after(timeout), cancel=cancel)
-        _held_until_released[permit] = None
-        return permit
+        return self._acquire(wait=True, deadline=deadline_after(timeout), cancel=cancel)
 
     def try_acquire(self) -> Permit:
         """Take a permit if one is free now; raise :class:`LockBusy` otherwise."""
-        permit = self._acquire(wait=False, deadline=None, cancel=None)
-        _held_until_released[permit] = None
-        return permit
+        return self._acquire(wait=False, deadline=None, cancel=None)
 
     def _acquire(self, *, wait: bool, deadline: float | None, cancel: CancelEvent | None) -> Permit:
         if is_cancelled(cancel):
@@ -517,18 +493,19 @@ class Scheduler:
         started = time.monotonic()
         permits = self._permits()
         token = object()
-        with Undo() as undo:
+
+        def take_permit(undo: Undo) -> Permit:
             enter_tier(undo, Tier.SEMAPHORE, self._slots_dir)
-            undo.callback(permits.out.pop, token, None)
+            undo.push(permits.out.pop, token, None)
             slot: Path | None = None
             if not self._slots:
                 ticket = Ticket(threading.get_ident(), False)
-                undo.callback(permits.queue.leave, ticket)
+                undo.push(permits.queue.leave, ticket)
                 if not permits.queue.enter(ticket, wait, deadline, cancel, None):
                     raise self._refusal(permits, wait, started, cancel)
             else:
                 attempt = _SlotAttempt()
-                undo.callback(attempt.settle)
+                undo.push(attempt.settle)
                 hold = self._take_slot(
                     permits, undo, attempt, wait=wait, deadline=deadline, cancel=cancel
                 )
@@ -536,7 +513,9 @@ class Scheduler:
                     raise self._refusal(permits, wait, started, cancel)
                 slot = hold.core_path
             permits.out[token] = threading.current_thread().name
-            return Permit(undo.pop_all(), slot)
+            return Permit(undo, slot)
+
+        return held_until_released(take_permit)
 
     # -- a slots directory ---------------------------------------------------------------------
 
@@ -566,7 +545,7 @@ class Scheduler:
         elif not wait:
             return None
         ticket = Ticket(threading.get_ident(), True)
-        undo.callback(turn.leave, ticket)
+        undo.push(turn.leave, ticket)
         try:
             if not turn.enter(ticket, False, None, None, None):
                 looked = False

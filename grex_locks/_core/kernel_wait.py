@@ -153,7 +153,7 @@ def _claim(helper: _Helper, wake: Waitable, undo: Undo) -> KernelWait | None:
         claim = KernelWait(helper, wake)
         # Registered before the claim owns anything: an interruption right
         # after leaves an unowned helper, which drops the lock when granted.
-        undo.callback(claim.settle)
+        undo.push(claim.settle)
         helper.owner = claim
         helper.wake = wake
         return claim

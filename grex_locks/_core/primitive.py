@@ -26,7 +26,6 @@ diagnosis of the holder) for its caller.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from pathlib import Path
 from threading import get_ident
@@ -50,14 +49,18 @@ from .waiting import CancelEvent, is_cancelled, remaining, wait_for
 class Hold(UndoHandle):
     """One acquisition of a lock; a context manager that releases it on exit."""
 
-    __slots__ = ("_core", "fd", "shared", "thread")
+    __slots__ = ("_core", "fd", "shared")
 
-    def __init__(self, core: LockCore, thread: int, shared: bool, fd: int, undo: Undo) -> None:
+    def __init__(self, core: LockCore, shared: bool, fd: int, undo: Undo) -> None:
         super().__init__(undo, core.kind)
         self._core = core
-        self.thread = thread
         self.shared = shared
         self.fd = fd
+
+    @property
+    def thread(self) -> int:
+        """The identity of the thread that took this hold (the only one that may release it)."""
+        return self._thread
 
     @property
     def inherited(self) -> bool:
@@ -246,13 +249,11 @@ class LockCore:
                 record = self._record
                 push((record.blank, ()))
                 record.write(self.tier)
-            hold = Hold(self, me, shared, fd, undo)
+            hold = Hold(self, shared, fd, undo)
             self._holds[me] = hold
             undo.keep()
         except BaseException:
-            # The error that stopped the acquire is the one to see, not an undo's.
-            with contextlib.suppress(BaseException):
-                undo.close_fully()
+            undo.close_quietly()
             raise
         return hold
 

@@ -21,11 +21,13 @@ from .fork import generation
 #: lasts until it is released or the process ends, like ``flock`` on an open
 #: descriptor: the garbage collector must never release a lock because the
 #: program dropped its last reference, so these stacks are kept alive here.
-_holding: set[Undo] = set()
+#: A dict, so that a caller can pin a stack with a plain store (``holding[undo] =
+#: None``), where no signal handler can run: see :meth:`Undo.keep`.
+holding: dict[Undo, None] = {}
 
 # A forked child holds nothing: the inherited stacks become garbage there, and
 # (being of an older generation) are dropped without running a single step.
-os.register_at_fork(after_in_child=_holding.clear)
+os.register_at_fork(after_in_child=holding.clear)
 
 
 class Undo:
@@ -47,8 +49,6 @@ class Undo:
         """Register ``fn(*args)`` to run when this stack unwinds."""
         self._steps.append((fn, args))
 
-    callback = push
-
     def pop_all(self) -> Undo:
         """Move every callback to a new stack (the acquire succeeded; keep them for release)."""
         moved = Undo()
@@ -60,18 +60,12 @@ class Undo:
     def keep(self) -> Undo:
         """Keep this stack, and what it holds, alive until it is closed; return it.
 
-        Inside ``with Undo() as undo:``, ``return Handle(undo.keep())`` is
-        safe at every bytecode: an exception before the ``with`` is left
-        (an interruption in the handle's constructor, say) closes the stack,
-        and a normal exit leaves a kept stack as it is.
+        Call it inside the ``try`` whose handler closes the stack on any
+        exception, so an interruption right after it still unwinds; or let
+        :func:`held_until_released` run the whole acquire and pin the stack.
         """
-        _holding.add(self)
+        holding[self] = None
         return self
-
-    @property
-    def inherited(self) -> bool:
-        """Whether this stack was made before a fork, in another process."""
-        return self._generation != generation.value
 
     @property
     def pending(self) -> bool:
@@ -102,7 +96,7 @@ class Undo:
                 with contextlib.suppress(BaseException):
                     fn(*args)
             steps.pop()
-        _holding.discard(self)
+        holding.pop(self, None)
         if first_error is not None:
             raise first_error
 
@@ -127,6 +121,12 @@ class Undo:
         if first_error is not None:
             raise first_error
 
+    def close_quietly(self) -> None:
+        """:meth:`close_fully` for an acquire that failed: the error that stopped it is the
+        one to see, not an undo step's."""
+        with contextlib.suppress(BaseException):
+            self.close_fully()
+
     def __del__(self) -> None:
         # The last line of defence: an asynchronous exception that struck
         # where no handler could finish the unwinding (at the entry of
@@ -141,15 +141,30 @@ class Undo:
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         if exc_type is None:
-            if self not in _holding:
+            if self not in holding:
                 self.close_fully()
             return
-        # The exception that left the block is the one to see, not an undo's.
-        with contextlib.suppress(BaseException):
-            self.close_fully()
+        self.close_quietly()
 
 
 _Handle = TypeVar("_Handle", bound="ReleasedOnExit")
+
+
+def held_until_released(acquire: Callable[[Undo], _Handle]) -> _Handle:
+    """Run ``acquire`` on a new stack; return its handle with the stack kept until released.
+
+    Any exception in ``acquire`` unwinds what it did. The stack is pinned by
+    a plain store after the ``try`` (where no signal handler can run), so an
+    interruption can never leave a kept stack that no caller received.
+    """
+    undo = Undo()
+    try:
+        handle = acquire(undo)
+    except BaseException:
+        undo.close_quietly()
+        raise
+    holding[undo] = None
+    return handle
 
 
 class ReleasedOnExit:
