@@ -10,8 +10,9 @@ the lock exclusively, overwrites the file *in place*: the record, padded with
 spaces over whatever longer text was there before. Release overwrites it
 with spaces. Nothing is truncated or deleted, so a record left by another
 user in a shared directory is reused rather than fought over, and a holder
-pays two ``pwrite`` calls per hold rather than an open, a write, a truncate
-and a close. The last member of a record, ``"check"``, is the CRC-32 of the
+pays two stores into a mapped page (:mod:`.mapped_record`, where that is
+safe) or two ``pwrite`` calls per hold, rather than an open, a write, a
+truncate and a close. The last member of a record, ``"check"``, is the CRC-32 of the
 text before it: a reader that catches a write half done sees a mismatch (or
 text that is not JSON) and reads again.
 
@@ -30,6 +31,7 @@ import errno
 import functools
 import itertools
 import json
+import mmap
 import os
 import socket
 import stat
@@ -44,13 +46,17 @@ from loguru import logger
 
 from . import lock_file
 from .fork import generation
+from .mapped_record import map_record, unmap
 
 OWNER_SUFFIX = ".owner"
 #: A record file larger than this is not overwritten in place (it is replaced):
 #: padding it with spaces would cost a write of its whole size on every hold.
 MAX_RECORD_BYTES = 64 * 1024
 
-_OPEN_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# Read access is only for mapping the file; a record we may write but not read
+# is still written in place, with pwrite.
+_WRITE_ONLY_FLAGS = (_OPEN_FLAGS & ~os.O_RDWR) | os.O_WRONLY
 _counter = itertools.count()
 
 
@@ -121,12 +127,25 @@ class RecordFile:
     writers (only the exclusive holder writes).
     """
 
-    __slots__ = ("_fd", "_generation", "_lock_path", "_problem", "_written", "path")
+    __slots__ = (
+        "_fd",
+        "_generation",
+        "_lock_path",
+        "_map",
+        "_map_tried",
+        "_problem",
+        "_written",
+        "path",
+    )
 
     def __init__(self, lock_path: Path) -> None:
         self.path = record_path(lock_path)
         self._lock_path = lock_path
         self._fd: int | None = None
+        #: The file's first page, mapped (see :mod:`.mapped_record`), or None: pwrite.
+        self._map: mmap.mmap | None = None
+        #: The file size a mapping was last tried for (0: not yet, on this descriptor).
+        self._map_tried = 0
         self._generation = generation.value
         #: How many bytes the current record covers: what :meth:`blank` overwrites.
         self._written = 0
@@ -146,18 +165,23 @@ class RecordFile:
                 st = os.fstat(fd)
                 # One link: still the file at the record path (a rename over
                 # it, or an unlink by `doctor --prune`, leaves ours with none).
-                if st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
-                    size = st.st_size
-                else:
-                    fd, size = self._usable_descriptor()
+                if st.st_nlink != 1 or st.st_size > MAX_RECORD_BYTES:
+                    fd, st = self._usable_descriptor()
             else:
-                fd, size = self._usable_descriptor()
+                fd, st = self._usable_descriptor()
+            size = st.st_size
             if size > len(data):
                 data += b" " * (size - len(data))
             # Set before the write: an interruption right after it must still
             # find the length to blank.
             self._written = len(data)
-            os.pwrite(fd, data, 0)
+            mapping = self._map
+            if mapping is not None and len(mapping) == len(data) == size:
+                mapping[:] = data
+            else:
+                os.pwrite(fd, data, 0)
+                if len(data) != self._map_tried:  # the file's size now
+                    self._remap(fd, len(data))
         except (OSError, psutil.Error) as exc:
             self._note_problem(exc)
             return
@@ -173,7 +197,13 @@ class RecordFile:
         if not length or fd is None or self._generation != generation.value:
             return
         try:
-            os.pwrite(fd, b" " * length, 0)
+            mapping = self._map
+            # A file emptied since the write (by hand, say) has no page left to
+            # store into: storing would be SIGBUS.
+            if mapping is not None and length <= len(mapping) and os.fstat(fd).st_size:
+                mapping[:length] = _spaces(length)
+            else:
+                os.pwrite(fd, _spaces(length), 0)
         except OSError as exc:
             logger.warning("cannot clear owner record {}: {}", self.path, exc)
         self._written = 0
@@ -181,26 +211,42 @@ class RecordFile:
     def close(self) -> None:
         """Close the record's descriptor (a lock object being collected)."""
         fd, self._fd = self._fd, None
-        if fd is not None and self._generation == generation.value:
-            lock_file.close(fd)
+        mapping, self._map = self._map, None
+        self._map_tried = 0
+        if self._generation == generation.value:
+            if mapping is not None:
+                unmap(mapping)
+            if fd is not None:
+                lock_file.close(fd)
 
-    def _usable_descriptor(self) -> tuple[int, int]:
-        """A new descriptor on the file at the record path, fit to overwrite, and its size."""
+    def _remap(self, fd: int, size: int) -> None:
+        """Map the file anew after a write through ``fd`` left it ``size`` bytes long."""
+        mapping, self._map = self._map, None
+        if mapping is not None:
+            unmap(mapping)
+        self._map_tried = size
+        self._map = map_record(fd, os.fstat(fd))
+
+    def _usable_descriptor(self) -> tuple[int, os.stat_result]:
+        """A new descriptor on the file at the record path, fit to overwrite, and its ``fstat``."""
         if self._generation != generation.value:
-            # Inherited across a fork: that descriptor was closed in this child.
+            # Inherited across a fork: that descriptor was closed in this
+            # child, and the mapping is the parent's to unmap.
             self._fd = None
+            self._map = None
+            self._map_tried = 0
             self._generation = generation.value
         self.close()
         fd = self._open_in_place()
         if fd is None:
             fd = self._replace()
         self._fd = fd
-        return fd, os.fstat(fd).st_size
+        return fd, os.fstat(fd)
 
     def _open_in_place(self) -> int | None:
         """The existing record file, if it is one we may overwrite in place; else None."""
         try:
-            fd = os.open(self.path, _OPEN_FLAGS)
+            fd = _open_for_writing(self.path)
         except FileNotFoundError:
             return self._create()
         except OSError:
@@ -256,6 +302,18 @@ class RecordFile:
                 reason,
                 self.path,
             )
+
+
+def _open_for_writing(path: Path) -> int:
+    try:
+        return os.open(path, _OPEN_FLAGS)
+    except PermissionError:
+        return os.open(path, _WRITE_ONLY_FLAGS)
+
+
+@functools.lru_cache(maxsize=64)
+def _spaces(length: int) -> bytes:
+    return b" " * length
 
 
 def _describe(exc: BaseException) -> str:
