@@ -563,6 +563,8 @@ class Scheduler:
     def _first_free_slot(self, attempt: _SlotAttempt) -> Hold | None:
         """Try each slot once, without waiting and without diagnosing anyone."""
         for core in self._slots:
+            if core.busy_elsewhere():
+                continue
             hold = attempt.take(core, wait=False)
             if hold is not None:
                 return hold
