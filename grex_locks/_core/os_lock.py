@@ -34,7 +34,7 @@ def _io_error(path: Path, what: str, cause: BaseException) -> LockIOError:
     return error
 
 
-def try_lock(fd: int, path: Path, *, shared: bool) -> bool:
+def try_lock(fd: int, path: Path, shared: bool) -> bool:
     """Take the lock on ``fd`` if nobody holds a conflicting one; never wait."""
     try:
         _flock(fd, _TRY_FLAGS[shared])

@@ -93,6 +93,18 @@ def enter_tier(stack: Undo, tier: Tier, path: Path | None) -> None:
     registered on ``stack`` before the push, so that unwinding at any moment
     (or releasing the hold) drops exactly this entry.
     """
+    token = object()
+    stack.push(pop_tier, token)
+    push_tier(token, tier, path)
+
+
+def push_tier(token: object, tier: Tier, path: Path | None) -> None:
+    """Check ``tier`` against what this thread holds, then hold it as ``token``.
+
+    The caller keeps ``token`` (to :func:`pop_tier` it) *before* calling, so
+    that an interruption at any moment leaves nothing it cannot undo. Raises
+    :class:`TierViolation` in ``"raise"`` mode.
+    """
     held = _held.get()
     if held and _mode != "off":
         top = max(entry[0] for entry in held)
@@ -104,8 +116,6 @@ def enter_tier(stack: Undo, tier: Tier, path: Path | None) -> None:
             # site, Python's rule for warnings), and logged for those who log.
             warnings.warn(str(violation), TierOrderWarning, stacklevel=_callers_level())
             logger.error("{}", violation)
-    token = object()
-    stack.push(_pop_tier, token)
     _held.set((*held, (tier, token)))
 
 
@@ -121,7 +131,8 @@ def _callers_level() -> int:
     return level - 1
 
 
-def _pop_tier(token: object) -> None:
+def pop_tier(token: object) -> None:
+    """Stop holding the tier entered as ``token``; nothing if it is not held (idempotent)."""
     held = _held.get()
     if held and held[-1][1] is token:
         _held.set(held[:-1])

@@ -17,13 +17,13 @@ from typing import Any, NoReturn, TypeVar
 
 from .fork import generation
 
-#: The stacks that hold something (a lock, a permit, a group) right now. A hold
+#: The stacks and holds that hold something (a lock, a permit, a group) right now. A hold
 #: lasts until it is released or the process ends, like ``flock`` on an open
 #: descriptor: the garbage collector must never release a lock because the
 #: program dropped its last reference, so these stacks are kept alive here.
 #: A dict, so that a caller can pin a stack with a plain store (``holding[undo] =
 #: None``), where no signal handler can run: see :meth:`Undo.keep`.
-holding: dict[Undo, None] = {}
+holding: dict[object, None] = {}
 
 # A forked child holds nothing: the inherited stacks become garbage there, and
 # (being of an older generation) are dropped without running a single step.
