@@ -199,8 +199,9 @@ class RecordFile:
         try:
             mapping = self._map
             # A file emptied since the write (by hand, say) has no page left to
-            # store into: storing would be SIGBUS.
-            if mapping is not None and length <= len(mapping) and os.fstat(fd).st_size:
+            # store into: storing would be SIGBUS. (lseek tells the size
+            # without building a whole stat result.)
+            if mapping is not None and length <= len(mapping) and os.lseek(fd, 0, os.SEEK_END):
                 mapping[:length] = _spaces(length)
             else:
                 os.pwrite(fd, _spaces(length), 0)
