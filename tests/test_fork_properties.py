@@ -152,9 +152,9 @@ def _install_pauses() -> None:
 
     write, blank, unlock = RecordFile.write, RecordFile.blank, os_lock.unlock
 
-    def paused_write(self: RecordFile, tier: int) -> None:
+    def paused_write(self: RecordFile, tier: int, waiter: object = None) -> None:
         _maybe_pause("acquire_before_record")
-        write(self, tier)
+        write(self, tier, waiter)
 
     def paused_blank(self: RecordFile) -> None:
         _maybe_pause("release_before_blank")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 from . import lock_file as lockfile
@@ -75,6 +76,10 @@ class _Helper:
             wake = self.wake
         if not abandoned:
             wake.set()
+            # Let the woken caller have the interpreter now: this thread would
+            # otherwise hold it through its own teardown while the caller,
+            # the one the hand-off is for, waits.
+            time.sleep(0)
             return
         # Nobody wants it any more: drop what the kernel just granted.
         _forget_idle(self)

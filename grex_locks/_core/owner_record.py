@@ -103,21 +103,36 @@ def _facts_now() -> _ProcessFacts:
 
 
 @functools.lru_cache(maxsize=1024)
-def _record_head(facts: _ProcessFacts, thread_name: str, tier: int) -> bytes:
-    # Everything but the time, for one thread and tier: encoding the same
-    # names on every acquire would cost as much as the write that follows.
+def _record_head(facts: _ProcessFacts, thread_name: str, tier: int) -> tuple[bytes, int]:
+    # Everything but the time, for one thread and tier, with its CRC so far:
+    # encoding the same names on every acquire would cost as much as the
+    # write that follows.
     text = f'{facts.prefix},"thread":{json.dumps(thread_name)},"tier":{tier},"acquired_at":'
-    return text.encode()
+    head = text.encode()
+    return head, zlib.crc32(head)
+
+
+def record_head(tier: int) -> tuple[bytes, int]:
+    """This thread's record for a lock of ``tier`` up to its time, and that part's CRC-32."""
+    facts = _facts
+    if facts is None or facts.generation != generation.value:
+        facts = _facts_now()
+    return _record_head(facts, current_thread().name, tier)
+
+
+def finish_record(head: tuple[bytes, int]) -> bytes:
+    """The record begun by ``head``, stamped with the time now and closed with its check."""
+    # Whole microseconds, formatted as integers: shorter code than a float's
+    # formatting, on the path that runs right after a hand-off.
+    us = time.time_ns() // 1000
+    tail = b"%d.%06d" % (us // 1_000_000, us % 1_000_000)
+    text, crc = head
+    return b'%s%s,"check":"%08x"}' % (text, tail, zlib.crc32(tail, crc))
 
 
 def encode_record(tier: int) -> bytes:
     """This thread's owner record, now, for a lock of ``tier``."""
-    facts = _facts
-    if facts is None or facts.generation != generation.value:
-        facts = _facts_now()
-    # Microseconds: a float's shortest repr costs more than the write itself.
-    text = b"%s%.6f" % (_record_head(facts, current_thread().name, tier), time.time())
-    return b'%s,"check":"%08x"}' % (text, zlib.crc32(text))
+    return finish_record(record_head(tier))
 
 
 class RecordFile:
@@ -130,9 +145,11 @@ class RecordFile:
     __slots__ = (
         "_fd",
         "_generation",
+        "_head",
         "_lock_path",
         "_map",
         "_map_tried",
+        "_prepared_for",
         "_problem",
         "_written",
         "path",
@@ -146,30 +163,48 @@ class RecordFile:
         self._map: mmap.mmap | None = None
         #: The file size a mapping was last tried for (0: not yet, on this descriptor).
         self._map_tried = 0
+        #: The waiter whose record file was checked just before it blocked.
+        self._prepared_for: object = None
+        self._head: tuple[bytes, int] = (b"", 0)
         self._generation = generation.value
         #: How many bytes the current record covers: what :meth:`blank` overwrites.
         self._written = 0
         #: Why the last write placed no record ("" when it did); logged once per cause.
         self._problem = ""
 
-    def write(self, tier: int) -> None:
+    def prepare(self, tier: int, waiter: object) -> None:
+        """Check the record file before ``waiter`` blocks, so that its later write is short.
+
+        The write right after a hand-off runs on a cold cache, in the time the
+        next holder is waiting for: the identity check (one link, not huge)
+        and the descriptor are done here instead, and :meth:`write` for the
+        same ``waiter`` then only asks the file's size (it may have been
+        emptied meanwhile; see :mod:`.mapped_record`).
+        """
+        self._prepared_for = None
+        try:
+            self._checked_descriptor()
+            self._head = record_head(tier)
+        except (OSError, psutil.Error):
+            return  # write() tries again, and logs
+        self._prepared_for = waiter
+
+    def write(self, tier: int, waiter: object = None) -> None:
         """Write this thread's record (the caller has registered :meth:`blank` first).
 
-        When no record can be placed the lock is held all the same: the
-        problem is logged, never raised.
+        ``waiter`` is what :meth:`prepare` was called for, if it was. When no
+        record can be placed the lock is held all the same: the problem is
+        logged, never raised.
         """
         try:
-            data = encode_record(tier)
             fd = self._fd
-            if fd is not None and self._generation == generation.value:
-                st = os.fstat(fd)
-                # One link: still the file at the record path (a rename over
-                # it, or an unlink by `doctor --prune`, leaves ours with none).
-                if st.st_nlink != 1 or st.st_size > MAX_RECORD_BYTES:
-                    fd, st = self._usable_descriptor()
+            if fd is not None and waiter is not None and self._prepared_for is waiter:
+                self._prepared_for = None
+                data = finish_record(self._head)
+                size = os.lseek(fd, 0, os.SEEK_END)
             else:
-                fd, st = self._usable_descriptor()
-            size = st.st_size
+                data = encode_record(tier)
+                fd, size = self._checked_descriptor()
             if size > len(data):
                 data += b" " * (size - len(data))
             # Set before the write: an interruption right after it must still
@@ -186,6 +221,18 @@ class RecordFile:
             self._note_problem(exc)
             return
         self._problem = ""
+
+    def _checked_descriptor(self) -> tuple[int, int]:
+        """A descriptor on the file at the record path, fit to overwrite, and its size."""
+        fd = self._fd
+        if fd is not None and self._generation == generation.value:
+            st = os.fstat(fd)
+            # One link: still the file at the record path (a rename over it,
+            # or an unlink by `doctor --prune`, leaves ours with none).
+            if st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
+                return fd, st.st_size
+        fd, st = self._usable_descriptor()
+        return fd, st.st_size
 
     def blank(self) -> None:
         """Overwrite the record written by :meth:`write` with spaces (no record), in place.

@@ -425,7 +425,7 @@ class LockCore:
                 return None
             if not shared:
                 hold._recorded = True
-                self._record.write(self.tier)
+                self._record.write(self.tier, hold)
             self._holds[me] = hold
         except BaseException:
             with contextlib.suppress(BaseException):
@@ -463,6 +463,8 @@ class LockCore:
         if not wait or remaining(deadline) == 0.0:
             hold._locked = None  # this description holds nothing to let go
             return False
+        if not shared:
+            self._record.prepare(self.tier, hold)
         if deadline is None and cancel is None:
             # Nothing can end this wait but the kernel's grant, so block in the
             # kernel directly: the fastest hand-off there is.

@@ -58,10 +58,10 @@ def _monitor_loop() -> None:
     while True:
         due: list[tuple[float, object, str]] = []
         with _cond:
-            reported &= _waits.keys()
+            reported &= set(_waits)
             now = time.monotonic()
             next_due: float | None = None
-            for wait_id, (started, path, kind) in _waits.items():
+            for wait_id, (started, path, kind) in list(_waits.items()):
                 if wait_id in reported:
                     continue
                 left = started + SLOW_WAIT_SECONDS - now
@@ -104,8 +104,9 @@ def _register(path: object, kind: str) -> int:
 
 
 def _forget(wait_id: int) -> None:
-    with _cond:
-        _waits.pop(wait_id, None)
+    # No lock: a dict pop is atomic, and the monitor reads a snapshot. This
+    # runs right after a hand-off, on the waiter's critical path.
+    _waits.pop(wait_id, None)
 
 
 class watching:
