@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from threading import get_ident
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from grex_locks.errors import LockBusy
 
@@ -95,7 +95,8 @@ class _HoldSteps(ReleasedOnExit):
         self._private: list[int] | None = None
         #: The descriptor to unlock on release (set before the flock is asked for).
         self._locked: int | None = None
-        self._recorded = False
+        #: True once the record is (about to be) written; None: nothing to blank.
+        self._recorded: bool | None = None
         #: Rare extra undo steps (kernel waits), unwound between the record and the unlock.
         self._extra: Undo | None = None
 
@@ -141,8 +142,7 @@ class _HoldSteps(ReleasedOnExit):
 
     def _disarm(self) -> None:
         self._ticket = self._tier_token = self._claim = self._private = None
-        self._locked = self._extra = None
-        self._recorded = False
+        self._locked = self._extra = self._recorded = None
 
     def _unwind(self) -> None:
         """Undo every step still noted, newest first; raise the first failure at the end.
@@ -175,59 +175,16 @@ class _HoldSteps(ReleasedOnExit):
         if errors:
             raise errors[0]
 
-    def _undo_steps(self, errors: list[BaseException]) -> None:  # noqa: PLR0912 - one per step
-        # Straight-line, each step in its own (free unless raised) try: this
-        # is half of every lock cycle, and a helper call per step costs more
-        # than the steps' own Python.
-        core = self._core
-        if self._recorded:
+    def _undo_steps(self, errors: list[BaseException]) -> None:
+        for slot, undo in _UNDO_NEWEST_FIRST:
+            noted = getattr(self, slot)
+            if noted is None:
+                continue
             try:
-                core._record.blank()
+                undo(self, noted)
             except BaseException as exc:  # noqa: BLE001 - see _again
-                _again(errors, exc, core._record.blank)
-            self._recorded = False
-        extra = self._extra
-        if extra is not None:
-            try:
-                extra.close_fully()
-            except BaseException as exc:  # noqa: BLE001 - see _again
-                _again(errors, exc, extra.close_fully)
-            self._extra = None
-        locked = self._locked
-        if locked is not None:
-            try:
-                oslock.unlock(locked, core.path)
-            except BaseException as exc:  # noqa: BLE001 - see _again
-                _again(errors, exc, oslock.unlock, locked, core.path)
-            self._locked = None
-        private = self._private
-        if private is not None:
-            try:
-                lockfile.close_once(private)
-            except BaseException as exc:  # noqa: BLE001 - see _again
-                _again(errors, exc, lockfile.close_once, private)
-            self._private = None
-        claim = self._claim
-        if claim is not None:
-            try:
-                core._free_descriptor(claim)
-            except BaseException as exc:  # noqa: BLE001 - see _again
-                _again(errors, exc, core._free_descriptor, claim)
-            self._claim = None
-        ticket = self._ticket
-        if ticket is not None:
-            try:
-                core.queue.leave(ticket)
-            except BaseException as exc:  # noqa: BLE001 - see _again
-                _again(errors, exc, core.queue.leave, ticket)
-            self._ticket = None
-        token = self._tier_token
-        if token is not None:
-            try:
-                pop_tier(token)
-            except BaseException as exc:  # noqa: BLE001 - see _again
-                _again(errors, exc, pop_tier, token)
-            self._tier_token = None
+                _again(errors, exc, undo, self, noted)
+            setattr(self, slot, None)
 
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
@@ -263,6 +220,50 @@ class Hold(_HoldSteps):
             # (AttributeError: an interruption cut __init__ short; nothing was noted.)
             if not self.released:
                 self._unwind()
+
+
+def _blank_record(hold: _HoldSteps, _: object) -> None:
+    hold._core._record.blank()
+
+
+def _close_extra(hold: _HoldSteps, extra: Undo) -> None:
+    extra.close_fully()
+
+
+def _unlock(hold: _HoldSteps, fd: int) -> None:
+    oslock.unlock(fd, hold._core.path)
+
+
+def _close_private(hold: _HoldSteps, handle: list[int]) -> None:
+    lockfile.close_once(handle)
+
+
+def _free_claim(hold: _HoldSteps, claim: object) -> None:
+    hold._core._free_descriptor(claim)
+
+
+def _leave_queue(hold: _HoldSteps, ticket: Ticket) -> None:
+    hold._core.queue.leave(ticket)
+
+
+def _leave_tier(hold: _HoldSteps, token: object) -> None:
+    pop_tier(token)
+
+
+#: Each slot of a hold and the undo of the step it notes, in unwinding order
+#: (the reverse of the acquire's): the record is blanked before the unlock,
+#: the unlock comes before the descriptor is freed (or another thread could
+#: claim a still-locked description), and that before the queue lets the
+#: next thread in.
+_UNDO_NEWEST_FIRST: tuple[tuple[str, Callable[[Any, Any], None]], ...] = (
+    ("_recorded", _blank_record),
+    ("_extra", _close_extra),
+    ("_locked", _unlock),
+    ("_private", _close_private),
+    ("_claim", _free_claim),
+    ("_ticket", _leave_queue),
+    ("_tier_token", _leave_tier),
+)
 
 
 def _again(
