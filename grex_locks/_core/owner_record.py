@@ -65,11 +65,6 @@ def record_path(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name + OWNER_SUFFIX)
 
 
-def with_check(text: bytes) -> bytes:
-    """Close the record ``text`` (a JSON object missing its ``}``) with its check member."""
-    return b'%s,"check":"%08x"}' % (text, zlib.crc32(text))
-
-
 class _ProcessFacts:
     """The part of every record that is the same for the whole process, encoded once."""
 
@@ -231,8 +226,7 @@ class RecordFile:
             # or an unlink by `doctor --prune`, leaves ours with none).
             if st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
                 return fd, st.st_size
-        fd, st = self._usable_descriptor()
-        return fd, st.st_size
+        return self._usable_descriptor()
 
     def blank(self) -> None:
         """Overwrite the record written by :meth:`write` with spaces (no record), in place.
@@ -275,8 +269,8 @@ class RecordFile:
         self._map_tried = size
         self._map = map_record(fd, os.fstat(fd))
 
-    def _usable_descriptor(self) -> tuple[int, os.stat_result]:
-        """A new descriptor on the file at the record path, fit to overwrite, and its ``fstat``."""
+    def _usable_descriptor(self) -> tuple[int, int]:
+        """A new descriptor on the file at the record path, fit to overwrite, and its size."""
         if self._generation != generation.value:
             # Inherited across a fork: that descriptor was closed in this
             # child, and the mapping is the parent's to unmap.
@@ -289,7 +283,7 @@ class RecordFile:
         if fd is None:
             fd = self._replace()
         self._fd = fd
-        return fd, os.fstat(fd)
+        return fd, os.fstat(fd).st_size
 
     def _open_in_place(self) -> int | None:
         """The existing record file, if it is one we may overwrite in place; else None."""

@@ -113,12 +113,16 @@ class _HoldSteps(ReleasedOnExit):
     @property
     def released(self) -> bool:
         """Whether nothing of this hold is left to undo."""
+        # One test per slot of _UNDO_NEWEST_FIRST, spelled out: this runs twice
+        # per lock cycle, and a loop of getattr calls would add 5 % to it.
         return (
-            self._ticket is None
-            and self._tier_token is None
+            self._recorded is None
+            and self._extra is None
             and self._locked is None
-            and (self._claim is None and self._private is None and self._extra is None)
-            and not self._recorded
+            and self._private is None
+            and self._claim is None
+            and self._ticket is None
+            and self._tier_token is None
         )
 
     def extra(self) -> Undo:
@@ -141,8 +145,8 @@ class _HoldSteps(ReleasedOnExit):
         self._core.release_hold(self)
 
     def _disarm(self) -> None:
-        self._ticket = self._tier_token = self._claim = self._private = None
-        self._locked = self._extra = self._recorded = None
+        for slot, _ in _UNDO_NEWEST_FIRST:
+            setattr(self, slot, None)
 
     def _unwind(self) -> None:
         """Undo every step still noted, newest first; raise the first failure at the end.

@@ -17,12 +17,13 @@ from typing import Any, NoReturn, TypeVar
 
 from .fork import generation
 
-#: The stacks and holds that hold something (a lock, a permit, a group) right now. A hold
-#: lasts until it is released or the process ends, like ``flock`` on an open
-#: descriptor: the garbage collector must never release a lock because the
-#: program dropped its last reference, so these stacks are kept alive here.
-#: A dict, so that a caller can pin a stack with a plain store (``holding[undo] =
-#: None``), where no signal handler can run: see :meth:`Undo.keep`.
+#: The holds and undo stacks that hold something (a lock, a permit, a group)
+#: right now. A hold lasts until it is released or the process ends, like
+#: ``flock`` on an open descriptor: the garbage collector must never release a
+#: lock because the program dropped its last reference, so they are kept alive
+#: here. A dict, so that a caller pins one with a plain store (``holding[x] =
+#: None``) after its ``try``, where no signal handler can run: see
+#: :func:`held_until_released` and ``LockCore.take``.
 holding: dict[object, None] = {}
 
 # A forked child holds nothing: the inherited stacks become garbage there, and
@@ -31,7 +32,7 @@ os.register_at_fork(after_in_child=holding.clear)
 
 
 class Undo:
-    """Callbacks run newest first on :meth:`close`, or when a ``with`` is left by an exception.
+    """Callbacks run newest first on :meth:`close`.
 
     A stack made before a fork is *disarmed* in the child: closing it there
     drops its steps without running any. Its steps act on descriptors and
@@ -48,24 +49,6 @@ class Undo:
     def push(self, fn: Callable[..., Any], /, *args: Any) -> None:
         """Register ``fn(*args)`` to run when this stack unwinds."""
         self._steps.append((fn, args))
-
-    def pop_all(self) -> Undo:
-        """Move every callback to a new stack (the acquire succeeded; keep them for release)."""
-        moved = Undo()
-        # One statement with no call in it: no signal handler can run between
-        # the two assignments, so no callback is ever on both stacks or neither.
-        moved._steps, self._steps = self._steps, []
-        return moved
-
-    def keep(self) -> Undo:
-        """Keep this stack, and what it holds, alive until it is closed; return it.
-
-        Call it inside the ``try`` whose handler closes the stack on any
-        exception, so an interruption right after it still unwinds; or let
-        :func:`held_until_released` run the whole acquire and pin the stack.
-        """
-        holding[self] = None
-        return self
 
     @property
     def pending(self) -> bool:
@@ -135,16 +118,6 @@ class Undo:
         if getattr(self, "_steps", None):
             with contextlib.suppress(BaseException):
                 self.close_fully()
-
-    def __enter__(self) -> Undo:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is None:
-            if self not in holding:
-                self.close_fully()
-            return
-        self.close_quietly()
 
 
 _Handle = TypeVar("_Handle", bound="ReleasedOnExit")
