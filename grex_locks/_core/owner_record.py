@@ -19,7 +19,9 @@ text that is not JSON) and reads again.
 A record file is only ever written in place if it is a regular file with one
 link, opened without following a symlink. Anything else at the record path
 (a symlink, a hard link to another file, a FIFO, a huge file) is replaced by
-renaming a private file over it, never written through. A new record file
+renaming a private file over it, never written through, and only by the
+holder: a process still waiting for the lock leaves the record path as it is,
+whatever it finds there (the holder's record is in it). A new record file
 is writable by whoever may create files in its directory, so that in a
 shared workspace one user's record never locks another user out.
 """
@@ -171,14 +173,17 @@ class RecordFile:
         """Check the record file before ``waiter`` blocks, so that its later write is short.
 
         The write right after a hand-off runs on a cold cache, in the time the
-        next holder is waiting for: the identity check (one link, not huge)
-        and the descriptor are done here instead, and :meth:`write` for the
-        same ``waiter`` then only asks the file's size (it may have been
-        emptied meanwhile; see :mod:`.mapped_record`).
+        next holder is waiting for: the descriptor is opened and the record's
+        head encoded here instead, and :meth:`write` for the same ``waiter``
+        then only stamps the time. A waiter does not hold the lock, so it
+        never replaces what sits at the record path (that would wipe the
+        holder's record): a file it cannot overwrite in place is left to
+        :meth:`write`, under the lock.
         """
         self._prepared_for = None
         try:
-            self._checked_descriptor()
+            if self._descriptor_in_place() is None:
+                return
             self._head = record_head(tier)
         except (OSError, psutil.Error):
             return  # write() tries again, and logs
@@ -192,14 +197,14 @@ class RecordFile:
         logged, never raised.
         """
         try:
-            fd = self._fd
-            if fd is not None and waiter is not None and self._prepared_for is waiter:
+            if waiter is not None and self._prepared_for is waiter:
                 self._prepared_for = None
                 data = finish_record(self._head)
-                size = os.lseek(fd, 0, os.SEEK_END)
             else:
                 data = encode_record(tier)
-                fd, size = self._checked_descriptor()
+            # Checked again even after prepare(): while we waited, the file
+            # may have been replaced, removed or emptied.
+            fd, size = self._descriptor()
             if size > len(data):
                 data += b" " * (size - len(data))
             # Set before the write: an interruption right after it must still
@@ -217,8 +222,20 @@ class RecordFile:
             return
         self._problem = ""
 
-    def _checked_descriptor(self) -> tuple[int, int]:
-        """A descriptor on the file at the record path, fit to overwrite, and its size."""
+    def _descriptor(self) -> tuple[int, int]:
+        """A descriptor on the file at the record path, fit to overwrite, and its size.
+
+        Only the exclusive holder calls this: what cannot be overwritten in
+        place is replaced, and a replacement wipes any record there.
+        """
+        found = self._descriptor_in_place()
+        if found is not None:
+            return found
+        fd = self._fd = self._replace()
+        return fd, 0
+
+    def _descriptor_in_place(self) -> tuple[int, int] | None:
+        """A descriptor on the file at the record path and its size; None if unfit to overwrite."""
         fd = self._fd
         if fd is not None and self._generation == generation.value:
             st = os.fstat(fd)
@@ -226,7 +243,18 @@ class RecordFile:
             # or an unlink by `doctor --prune`, leaves ours with none).
             if st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
                 return fd, st.st_size
-        return self._usable_descriptor()
+        if self._generation != generation.value:
+            # Inherited across a fork: that descriptor was closed in this
+            # child, and the mapping is the parent's to unmap.
+            self._fd = None
+            self._map = None
+            self._map_tried = 0
+            self._generation = generation.value
+        self.close()
+        found = self._open_in_place()
+        if found is not None:
+            self._fd = found[0]
+        return found
 
     def blank(self) -> None:
         """Overwrite the record written by :meth:`write` with spaces (no record), in place.
@@ -269,42 +297,31 @@ class RecordFile:
         self._map_tried = size
         self._map = map_record(fd, os.fstat(fd))
 
-    def _usable_descriptor(self) -> tuple[int, int]:
-        """A new descriptor on the file at the record path, fit to overwrite, and its size."""
-        if self._generation != generation.value:
-            # Inherited across a fork: that descriptor was closed in this
-            # child, and the mapping is the parent's to unmap.
-            self._fd = None
-            self._map = None
-            self._map_tried = 0
-            self._generation = generation.value
-        self.close()
-        fd = self._open_in_place()
-        if fd is None:
-            fd = self._replace()
-        self._fd = fd
-        return fd, os.fstat(fd).st_size
-
-    def _open_in_place(self) -> int | None:
-        """The existing record file, if it is one we may overwrite in place; else None."""
-        try:
-            fd = _open_for_writing(self.path)
-        except FileNotFoundError:
-            return self._create()
-        except OSError:
-            return None  # a symlink, a stranger's read-only file, a FIFO without reader...
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
-            lock_file.track(fd)
-            return fd
-        os.close(fd)
-        return None
+    def _open_in_place(self) -> tuple[int, int] | None:
+        """The record file (created if missing) and its size, if we may overwrite it in place."""
+        for _ in range(2):
+            try:
+                fd = _open_for_writing(self.path)
+            except FileNotFoundError:
+                created = self._create()
+                if created is None:
+                    continue  # someone else created it just now: open theirs
+                return created, 0
+            except OSError:
+                return None  # a symlink, a stranger's read-only file, a FIFO without reader...
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
+                lock_file.track(fd)
+                return fd, st.st_size
+            os.close(fd)
+            return None
+        return None  # created and removed again under us, twice: replace it
 
     def _create(self) -> int | None:
         try:
             fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            return None  # someone made one just now: replace it as anything else
+            return None
         lock_file.track(fd)
         self._share_with_directory(fd)
         return fd
