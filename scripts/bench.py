@@ -19,7 +19,11 @@ report. ``--wait-quiet SECONDS`` waits for the load to fall before starting.
 The scenarios live in ``bench_scenarios.py`` (one function each), the libraries
 behind the adapters of ``bench_peers.py``. The closing table lists every target
 of issue 11 ("Where it stands") and of earlier issues, each with its grex_locks
-figure, the peers' figures from the same run, and whether it was met.
+figure, the peers' figures from the same run, and whether it was met. The
+``floors`` scenario sets no target: it measures, in the same run, what bare
+thread locks and raw flock allow at all (a first-come-first-served baton among
+4 threads; 4 processes re-taking one flock after G µs between unlock and lock),
+the floors under the 4-thread and 4-process targets.
 
 The process exits non-zero when a lock let two holders in at once where it
 promises not to, when a scenario failed, or when grex_locks could not be

@@ -17,16 +17,19 @@ spawned workers, whose every wait has a deadline.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import gc
 import hashlib
 import importlib
 import inspect
+import mmap
 import multiprocessing
 import os
 import resource
 import signal
+import statistics
 import threading
 import time
 import traceback
@@ -531,6 +534,122 @@ def w_threads(
     }
 
 
+# ---------------------------------------------------------------- floors
+
+
+def spin(iterations: int) -> None:
+    """Pure-Python busy work: the loop the floors' hot paths run inline (W and G µs)."""
+    for _ in range(iterations):
+        pass
+
+
+def w_spin_rate(st: WorkerState, iterations: int, tries: int) -> dict[str, float]:
+    """Loop iterations of :func:`spin` per µs: the fastest of ``tries`` timings, and the median."""
+    spin(iterations)  # warm-up
+    times = []
+    for _ in range(tries):
+        start = time.perf_counter()
+        spin(iterations)
+        times.append(time.perf_counter() - start)
+    return {
+        "per_us": iterations / (min(times) * 1e6),
+        "median_per_us": iterations / (statistics.median(times) * 1e6),
+        "iterations": iterations,
+        "tries": tries,
+    }
+
+
+def w_baton(st: WorkerState, n: int, seconds: float, *, before: int, after: int) -> dict[str, Any]:
+    """``n`` threads pass a baton round-robin through bare ``_thread`` locks.
+
+    Thread i blocks on its own lock, runs ``before`` spin iterations (work inside its turn),
+    wakes thread i+1 by releasing that one's lock, then runs ``after`` iterations (a releasing
+    thread going back to its caller and coming back for the lock) before blocking again.
+    Every acquire has a deadline; the threads are daemons, joined with a deadline too.
+    """
+    locks = [_thread.allocate_lock() for _ in range(n)]
+    work_before, work_after = range(before), range(after)  # built once: an empty one is ~40 ns
+    for lock in locks:
+        lock.acquire()
+    stop = [False]
+    count = [0]
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        me, nxt = locks[i], locks[(i + 1) % n]
+        try:
+            while True:
+                if not me.acquire(timeout=QUICK_CALL):
+                    errors.append(f"thread {i}: no baton within {QUICK_CALL:.0f} s")
+                    return
+                for _ in work_before:
+                    pass
+                if stop[0]:
+                    nxt.release()  # pass the news on: every thread wakes once more, and ends
+                    return
+                count[0] += 1
+                nxt.release()
+                for _ in work_after:
+                    pass
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    began = time.monotonic()
+    locks[0].release()
+    time.sleep(seconds)
+    stop[0] = True
+    elapsed = time.monotonic() - began
+    handoffs = count[0]
+    deadline = time.monotonic() + QUICK_CALL + 5
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    hung = sum(thread.is_alive() for thread in threads)
+    return {"handoffs": handoffs, "elapsed": elapsed, "errors": errors[:3], "hung": hung}
+
+
+def w_flock_floor(
+    st: WorkerState, lock: str, state: str, *, n: int, index: int, seconds: float, gap: int
+) -> dict[str, Any]:
+    """One of ``n`` processes: flock(LOCK_EX), note the holder, LOCK_UN, ``gap`` spin iterations.
+
+    While holding, the process reads the last holder's id from a shared mapping of ``state``
+    and writes its own when it differs: a cross-process hand-off.
+    """
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    sfd = os.open(state, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        shared = mmap.mmap(sfd, mmap.PAGESIZE)
+    finally:
+        os.close(sfd)
+    me = index + 1
+    work = range(gap)  # built once: an empty one costs ~40 ns
+    cycles = cross = 0
+    flock, ex, un = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
+    try:
+        st.barriers[n].wait(QUICK_CALL)
+        start = time.monotonic()
+        end = start + seconds
+        while True:
+            flock(fd, ex)
+            if shared[0] != me:
+                cross += 1
+                shared[0] = me
+            flock(fd, un)
+            cycles += 1
+            for _ in work:
+                pass
+            if not cycles & 63 and time.monotonic() >= end:  # the clock every 64th cycle only
+                break
+        stopped = time.monotonic()
+    finally:
+        shared.close()
+        os.close(fd)
+    return {"cycles": cycles, "cross": cross, "start": start, "end": stopped}
+
+
 def w_hold_packs(st: WorkerState, packs: list[str]) -> int:
     """Hold grex PackLocks on all of ``packs`` (tier check off: they share one tier)."""
     assert grex_locks is not None
@@ -796,6 +915,9 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "timeout_once": w_timeout_once,
     "cancel_once": w_cancel_once,
     "threads": w_threads,
+    "spin_rate": w_spin_rate,
+    "baton": w_baton,
+    "flock_floor": w_flock_floor,
     "hold_packs": w_hold_packs,
     "many_packs": w_many_packs,
     "hold_slots": w_hold_slots,

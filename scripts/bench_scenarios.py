@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import random
 import statistics
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench_peers import (
     MAX_WAIT,
@@ -60,6 +61,14 @@ SETTLE = 0.01
 BUSY_SLOTS = 16
 #: The timeout each of the busy scheduler's waiting threads passes to ``acquire``.
 BUSY_TIMEOUT = 1.0
+#: The floors scenario: this many threads or processes,
+FLOOR_N = 4
+#: W, the µs of busy work each baton thread does per turn (after, or before, waking the next),
+BATON_WORK = (0, 5, 10, 20)
+#: and G, the µs of busy work each flock process does between its unlock and its next lock.
+FLOCK_GAPS = (0, 2, 5, 10, 20)
+#: The spin-loop calibration: the fastest of this many timings of this many iterations.
+SPIN_CALIBRATION = (25, 20_000)
 CAVEAT = (
     "Zero think-time loops reward unfairness: a process that re-takes the lock the instant "
     "it let go wins cycles/s while the others starve. Worst wait and handoff latency are "
@@ -86,6 +95,8 @@ class Settings:
     scan_reps: int
     diagnose_calls: int
     many_packs: int
+    floor_reps: int
+    floor_seconds: float
 
 
 QUICK = Settings(
@@ -106,6 +117,8 @@ QUICK = Settings(
     scan_reps=2,
     diagnose_calls=30,
     many_packs=2_000,
+    floor_reps=1,
+    floor_seconds=0.25,
 )
 FULL = Settings(
     uncontended_reps=15,
@@ -125,6 +138,8 @@ FULL = Settings(
     scan_reps=7,
     diagnose_calls=100,
     many_packs=100_000,
+    floor_reps=3,
+    floor_seconds=0.5,
 )
 
 
@@ -237,7 +252,10 @@ class Bench:
 # ---------------------------------------------------------------- helpers
 
 
-def rotated(keys: Sequence[str], by: int) -> list[str]:
+T = TypeVar("T")
+
+
+def rotated(keys: Sequence[T], by: int) -> list[T]:
     """``keys`` starting at a different place each repetition: interleaving without bias."""
     if not keys:
         return []
@@ -675,6 +693,226 @@ def threads(b: Bench) -> None:
     )
 
 
+def _baton_once(b: Bench, n: int, before: int, after: int) -> float:
+    """Hand-offs/s of one baton run in a bench worker; a failure is the run's failure."""
+    seconds = b.s.floor_seconds
+    got = b.workers(1).call(
+        0, "baton", n, seconds, before=before, after=after, timeout=seconds + QUICK_CALL + 15
+    )
+    if got["hung"] or got["errors"]:
+        if got["hung"]:
+            b.drop_workers()  # its threads are stuck in that worker for good
+        b.report.fail(f"floors: the baton failed: {got['hung']} hung, {got['errors']}")
+    return float(got["handoffs"] / got["elapsed"])
+
+
+def _flock_floor_once(b: Bench, n: int, gap: int) -> dict[str, Any]:
+    """One run of ``n`` processes looping on raw flock with ``gap`` spin iterations between."""
+    pack = b.pack("floors", "flock")
+    lock, state = pack / "floor.lock", pack / "floor.state"
+    state.write_bytes(bytes(mmap.PAGESIZE))  # the last holder's id (0: nobody yet)
+    pool = b.workers(n)
+    seconds = b.s.floor_seconds
+    for i in range(n):
+        pool.send(i, "flock_floor", str(lock), str(state), n=n, index=i, seconds=seconds, gap=gap)
+    results = [pool.recv(i, seconds + QUICK_CALL + 10) for i in range(n)]
+    cycles = sum(r["cycles"] for r in results)
+    elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {
+        "cycles_per_s": cycles / elapsed,
+        "cross": sum(r["cross"] for r in results) / cycles,
+        "per_process": [r["cycles"] for r in results],
+    }
+
+
+def floors(b: Bench) -> None:
+    """The physical floors under issue 11's two missed throughput targets, same run.
+
+    Threads: a baton among bare ``_thread`` locks, i.e. first-come-first-served hand-off
+    between threads of one interpreter, with W µs of the thread's own work per turn.
+    Processes: raw flock re-taken after G µs of work between unlock and lock (what a library
+    spends there), with the share of cycles where another process got the lock.
+    """
+    n = FLOOR_N
+    reps, seconds = b.s.floor_reps, b.s.floor_seconds
+    per = f"{seconds} s per run, {reps} interleaved repetition(s); median (min-max) over them"
+    th = Section(
+        "floors_threads",
+        f"Floor, threads: a baton passed round-robin among {n} threads through bare _thread locks",
+        f"{per}; in one bench worker process. Thread i blocks on its own lock (acquire with a "
+        f"{QUICK_CALL:.0f} s timeout), then releases thread i+1's: one hand-off. 'after': W µs "
+        "of pure-Python busy work after waking the next, before blocking again (a releasing "
+        "thread returning to its caller and coming back for the lock). 'before': W µs between "
+        "being woken and waking the next (a holder's work inside its turn)",
+        ["baton", "W µs", "loops", "hand-offs/s", "min-max", "µs each", "vs W=0"],
+    )
+    pr = Section(
+        "floors_processes",
+        f"Floor, processes: {n} processes re-taking one raw flock with G µs between unlock "
+        "and lock",
+        f"{per}; bench worker processes released by one barrier, each looping flock(LOCK_EX) "
+        "(blocking), read the last holder's id from a shared mmap'd byte (write its own if it "
+        "differs), flock(LOCK_UN), G µs of pure-Python busy work (the clock read every 64th "
+        "cycle); cycles/s over all processes; 'cross-process' the share of cycles in which "
+        "the lock went to another process than the one that held it last",
+        [
+            "loop",
+            "G µs",
+            "loops",
+            "cycles/s",
+            "min-max",
+            "1/rate µs",
+            "cross-process",
+            "min/max per proc",
+            "vs G=0",
+        ],
+    )
+    b.report.sections += [th, pr]
+    tries, iterations = SPIN_CALIBRATION
+    cal = b.workers(n).call(0, "spin_rate", iterations, tries)
+    per_us = float(cal["per_us"])
+
+    def loops(us: int) -> int:
+        return round(us * per_us)
+
+    baton = [("after", w) for w in BATON_WORK] + [("before", w) for w in BATON_WORK if w]
+    handoffs: dict[tuple[str, int], list[float]] = {v: [] for v in baton}
+    runs: dict[int, list[dict[str, Any]]] = {g: [] for g in FLOCK_GAPS}
+    for rep in range(reps):
+        order = ["threads", "processes"] if rep % 2 == 0 else ["processes", "threads"]
+        for kind in order:
+            if kind == "threads":
+                for where, w in rotated(baton, rep):
+                    before, after = (loops(w), 0) if where == "before" else (0, loops(w))
+                    handoffs[where, w].append(_baton_once(b, n, before, after))
+            else:
+                for gap in rotated(FLOCK_GAPS, rep):
+                    runs[gap].append(_flock_floor_once(b, n, loops(gap)))
+    again = float(b.workers(n).call(0, "spin_rate", iterations, tries)["per_us"])
+
+    def span(values: Sequence[float]) -> str:
+        return f"{min(values):,.0f}-{max(values):,.0f}"
+
+    def each_us(rate: float) -> str:
+        return f"{1e6 / rate:.2f}" if rate else "-"
+
+    drift = abs(again / per_us - 1) > 0.2
+    rate = {v: median(values) for v, values in handoffs.items()}
+    floor0 = rate["after", 0]
+    for (where, w), values in handoffs.items():
+        what = "wake next, then W µs" if where == "after" else "W µs, then wake next"
+        th.rows.append(
+            [
+                what if w else "wake next (no work)",
+                str(w),
+                str(loops(w)),
+                f"{rate[where, w]:,.0f}",
+                span(values),
+                each_us(rate[where, w]),
+                ratio(rate[where, w], floor0),
+            ]
+        )
+    th.data = {
+        f"{where}@{w}": {"handoffs_per_s": rate[where, w], "each": values}
+        for (where, w), values in handoffs.items()
+    }
+    threads_sec = b.report.section("threads")
+    if threads_sec is None or not threads_sec.data:
+        th.notes.append(
+            "the threads scenario did not run: run `--only threads floors` to see grex_locks' "
+            "and portalocker.Lock's 4-thread cycles/s beside these floors"
+        )
+    else:
+        for key in ["grex", "portalocker", "flock"]:
+            got = threads_sec.data.get(key)
+            if got is None:
+                continue
+            th.rows.append(
+                [
+                    f"same run, threads scenario: {label(key)}",
+                    "",
+                    "",
+                    f"{got['cycles_per_s']:,.0f}",
+                    span(got["each"]),
+                    each_us(got["cycles_per_s"]),
+                    ratio(got["cycles_per_s"], floor0),
+                ]
+            )
+        th.notes.append(
+            "the threads scenario's rows are cycles/s of acquire + counter increment (pread + "
+            "pwrite) + release, each of its 4 threads with its own lock object on one path"
+        )
+    th.notes.append(
+        f"busy work: {per_us:.1f} loop iterations per µs (`for _ in range(k): pass`, the "
+        f"fastest of {tries} timings of {iterations:,} iterations in a bench worker; median "
+        f"{cal['median_per_us']:.1f}/µs) at the start, {again:.1f}/µs re-measured at the end"
+        + (" (a drift: the CPU's speed changed during the runs)" if drift else "")
+        + "; W=0 still runs an empty loop and the stop check"
+    )
+
+    summary: dict[int, dict[str, Any]] = {}
+    for gap, results in runs.items():
+        rates = [r["cycles_per_s"] for r in results]
+        per_proc = [c for r in results for c in r["per_process"]]
+        summary[gap] = {
+            "cycles_per_s": median(rates),
+            "cycles_per_s_each": rates,
+            "cross": median([r["cross"] for r in results]),
+            "cross_each": [r["cross"] for r in results],
+            "min_max": f"{min(per_proc)}/{max(per_proc)}",
+        }
+    gap0 = summary[0]["cycles_per_s"]
+    for gap, got in summary.items():
+        pr.rows.append(
+            [
+                "flock, note holder, unlock, G µs" if gap else "flock, note holder, unlock",
+                str(gap),
+                str(loops(gap)),
+                f"{got['cycles_per_s']:,.0f}",
+                span(got["cycles_per_s_each"]),
+                each_us(got["cycles_per_s"]),
+                f"{got['cross']:.1%}",
+                got["min_max"],
+                ratio(got["cycles_per_s"], gap0),
+            ]
+        )
+    pr.data = {f"gap@{gap}": got for gap, got in summary.items()}
+    pr.data["spin_per_us"] = cal | {"at_end": again}
+    contention_sec = b.report.section("contention")
+    if contention_sec is None or f"grex@{n}" not in contention_sec.data:
+        pr.notes.append(
+            "the contention scenario did not run: run `--only contention floors` to see "
+            f"grex_locks' and the peers' {n}-process cycles/s beside these floors"
+        )
+    else:
+        for key in ["grex", "portalocker-blocking", "flock"]:
+            got = contention_sec.data.get(f"{key}@{n}")
+            if got is None:
+                continue
+            pr.rows.append(
+                [
+                    f"same run, contention scenario: {label(key)}",
+                    "",
+                    "",
+                    f"{got['cycles_per_s']:,.0f}",
+                    span(got["cycles_per_s_each"]),
+                    each_us(got["cycles_per_s"]),
+                    "",
+                    got["min_max"],
+                    ratio(got["cycles_per_s"], gap0),
+                ]
+            )
+        pr.notes.append(
+            "the contention scenario's rows hold the lock across a counter increment (pread + "
+            "pwrite) and take the clock every cycle; the floor loop holds it for a byte's read"
+        )
+    pr.notes.append(
+        "G=0 still runs `cycles += 1`, an empty loop and a bit test between unlock and lock; "
+        f"{per_us:.1f} loop iterations per µs, as above; '1/rate' is not one cycle's latency: "
+        "the processes' gaps overlap on the CPUs"
+    )
+
+
 def scheduler_busy(b: Bench) -> None:
     n = BUSY_SLOTS
     sec = Section(
@@ -1087,6 +1325,7 @@ SCENARIOS: list[Callable[[Bench], None]] = [
     handoff,
     contention,
     threads,
+    floors,
     scheduler_busy,
     timeouts,
     scheduler,
