@@ -1,4 +1,4 @@
-"""A process waiting for a lock never touches the holder's owner record.
+"""The owner record is always at the record path, and only the holder ever replaces it.
 
 A waiter opens the record file before it blocks (so that its own record is
 quick to write once the lock is handed over). It does not hold the lock
@@ -114,3 +114,44 @@ def test_processes_taking_a_new_lock_at_once_each_find_their_own_record(tmp_path
     for n in range(locks):
         assert owner_record(tmp_path / str(n) / ".grex-lock") is None
         assert not list((tmp_path / str(n)).glob(".*.tmp")), "a replacement was left behind"
+
+
+def _hold_twice(conn: multiprocessing.connection.Connection, pack: str) -> None:
+    """Hold the pack lock once; when told, take it again (same object) and hold until told."""
+    lock = grex_locks.PackLock(pack)
+    with lock:
+        pass  # keeps a descriptor (and a mapping) on the record file
+    conn.send("held once")
+    conn.recv()
+    with lock:
+        conn.send(("held", os.getpid()))
+        conn.recv()
+    conn.send("released")
+
+
+def test_a_record_file_replaced_since_the_last_hold_is_not_written_through(
+    tmp_path: Path, pack: Path
+) -> None:
+    lock_file = pack / ".grex-lock"
+    stray = tmp_path / "stray-link"
+    with PipedChild("spawn", _hold_twice, str(pack)) as first:
+        first.expect("held once")
+        # A second link; the next holder replaces the record file, which
+        # leaves the old one with a single link, elsewhere.
+        os.link(record_file(lock_file), stray)
+        with PipedChild("spawn", hold_until_told, grex_locks.PackLock(pack)) as other:
+            other.expect(("held", other.pid))
+            other.send("let go")
+            other.expect("released")
+            assert other.join() == 0
+        assert not os.path.samefile(stray, record_file(lock_file)), "it was not replaced"
+        stray_before = stray.read_bytes()
+        first.send("take it again")
+        first.expect(("held", first.pid))
+        assert holder_record(lock_file)["pid"] == first.pid
+        assert stray.read_bytes() == stray_before, "the record went through a stray link"
+        first.send("let go")
+        first.expect("released")
+        assert first.join() == 0
+    assert owner_record(lock_file) is None
+    assert third_process_can_take(lock_file)

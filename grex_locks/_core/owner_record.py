@@ -143,9 +143,11 @@ class RecordFile:
         "_fd",
         "_generation",
         "_head",
+        "_inode",
         "_lock_path",
         "_map",
         "_map_tried",
+        "_path_name",
         "_prepared_for",
         "_problem",
         "_written",
@@ -156,6 +158,9 @@ class RecordFile:
         self.path = record_path(lock_path)
         self._lock_path = lock_path
         self._fd: int | None = None
+        #: ``(st_dev, st_ino)`` of the file behind ``_fd``.
+        self._inode = (0, 0)
+        self._path_name = os.fspath(self.path)
         #: The file's first page, mapped (see :mod:`.mapped_record`), or None: pwrite.
         self._map: mmap.mmap | None = None
         #: The file size a mapping was last tried for (0: not yet, on this descriptor).
@@ -231,18 +236,29 @@ class RecordFile:
         found = self._descriptor_in_place()
         if found is not None:
             return found
-        fd = self._fd = self._replace()
-        return fd, 0
+        return self._adopt(self._replace())
 
     def _descriptor_in_place(self) -> tuple[int, int] | None:
         """A descriptor on the file at the record path and its size; None if unfit to overwrite."""
         fd = self._fd
         if fd is not None and self._generation == generation.value:
-            st = os.fstat(fd)
-            # One link: still the file at the record path (a rename over it,
-            # or an unlink by `doctor --prune`, leaves ours with none).
-            if st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
-                return fd, st.st_size
+            # The file at the record path must still be ours, and ours only:
+            # a rename over it (another holder replacing it) or an unlink
+            # leaves our descriptor on a file that readers never see, and
+            # may leave it on a stray hard link elsewhere with one link.
+            # One lstat tells both (and is all the fstat this would need).
+            try:
+                st = os.lstat(self._path_name)
+            except FileNotFoundError:
+                pass
+            else:
+                if (
+                    st.st_ino == self._inode[1]
+                    and st.st_dev == self._inode[0]
+                    and st.st_nlink == 1
+                    and st.st_size <= MAX_RECORD_BYTES
+                ):
+                    return fd, st.st_size
         if self._generation != generation.value:
             # Inherited across a fork: that descriptor was closed in this
             # child, and the mapping is the parent's to unmap.
@@ -251,10 +267,15 @@ class RecordFile:
             self._map_tried = 0
             self._generation = generation.value
         self.close()
-        found = self._open_in_place()
-        if found is not None:
-            self._fd = found[0]
-        return found
+        fd = self._open_in_place()
+        return None if fd is None else self._adopt(fd)
+
+    def _adopt(self, fd: int) -> tuple[int, int]:
+        """Use ``fd`` (on the file now at the record path) from now on; return it and its size."""
+        st = os.fstat(fd)
+        self._fd = fd
+        self._inode = (st.st_dev, st.st_ino)
+        return fd, st.st_size
 
     def blank(self) -> None:
         """Overwrite the record written by :meth:`write` with spaces (no record), in place.
@@ -297,8 +318,8 @@ class RecordFile:
         self._map_tried = size
         self._map = map_record(fd, os.fstat(fd))
 
-    def _open_in_place(self) -> tuple[int, int] | None:
-        """The record file (created if missing) and its size, if we may overwrite it in place."""
+    def _open_in_place(self) -> int | None:
+        """The record file (created if missing), if we may overwrite it in place; else None."""
         for _ in range(2):
             try:
                 fd = _open_for_writing(self.path)
@@ -306,13 +327,13 @@ class RecordFile:
                 created = self._create()
                 if created is None:
                     continue  # someone else created it just now: open theirs
-                return created, 0
+                return created
             except OSError:
                 return None  # a symlink, a stranger's read-only file, a FIFO without reader...
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= MAX_RECORD_BYTES:
                 lock_file.track(fd)
-                return fd, st.st_size
+                return fd
             os.close(fd)
             return None
         return None  # created and removed again under us, twice: replace it
