@@ -8,15 +8,30 @@ processes.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from support import CLI, DEADLINE, Holders, cli, finish, read_line, spawn_cli, wait_until_blocked
+from support import (
+    CLI,
+    DEADLINE,
+    Holders,
+    PipedChild,
+    cli,
+    finish,
+    read_line,
+    spawn_cli,
+    wait_until_blocked,
+)
 
+from grex_locks import PackLock
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import Diagnosis, Holder, HolderState
 from grex_locks._diagnostics.prune import prune_stale_record
@@ -279,6 +294,55 @@ def test_prune_rechecks_the_kernel_right_before_removing(tmp_path: Path, holders
     outcome = prune_stale_record(diagnose(lock))
     assert not outcome.removed
     assert record.is_symlink()
+
+
+def _take_when_told(conn: multiprocessing.connection.Connection, pack: str) -> None:
+    """Keep one lock object; on ("take", spin) spin that long, take it, say so, hold until told."""
+    lock = PackLock(pack)
+    with lock:
+        pass  # the record file exists and is this object's (mapped, where that is safe)
+    conn.send("ready")
+    while (message := conn.recv()) != "stop":
+        until = time.perf_counter() + message[1]
+        while time.perf_counter() < until:
+            pass
+        with lock:
+            conn.send(("held", os.getpid()))
+            conn.recv()
+        conn.send("released")
+
+
+def _die_holding(pack: str) -> None:
+    PackLock(pack).acquire()
+    os._exit(0)  # no release: the kernel frees the lock, the record stays behind
+
+
+def test_prune_never_removes_the_record_of_a_holder_that_came_meanwhile(pack: Path) -> None:
+    # Each round: a dead holder's record, then a prune racing a new holder
+    # that rewrites the record in place (same file, same size). Whatever the
+    # interleaving, the new holder's record must be there while it holds.
+    ctx = multiprocessing.get_context("fork")
+    record = Path(f"{pack}/.grex-lock.owner")
+    removed = 0
+    with PipedChild("spawn", _take_when_told, str(pack)) as holder:
+        holder.expect("ready")
+        for round_ in range(150):
+            dying = ctx.Process(target=_die_holding, args=(str(pack),))
+            dying.start()
+            dying.join(DEADLINE)
+            stale = diagnose(pack / ".grex-lock")
+            assert stale.state is HolderState.STALE_RECORD, stale
+            holder.send(("take", random.uniform(0, 0.0005)))
+            removed += prune_stale_record(stale).removed
+            holder.expect(("held", holder.pid))
+            seen = json.loads(record.read_bytes()) if record.exists() else None
+            assert seen is not None, f"round {round_}: the holder's record was removed"
+            assert seen["pid"] == holder.pid
+            holder.send("let go")
+            holder.expect("released")
+        holder.send("stop")
+        assert holder.join() == 0
+    assert removed, "no prune ever won the race: the test did not test it"
 
 
 # -- run -----------------------------------------------------------------------------
