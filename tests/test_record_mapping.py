@@ -171,6 +171,34 @@ def test_a_record_others_may_write_is_never_mapped(tmp_path: Path) -> None:
     assert owner_record(lock.path) is None
 
 
+def test_a_record_made_writable_by_others_after_mapping_is_unmapped(pack: Path) -> None:
+    lock_file = pack / ".grex-lock"
+    record = record_file(lock_file)
+    with PipedChild("spawn", _hold_when_told, str(pack)) as child:
+        child.send("take")
+        child.expect(("held", child.pid))
+        child.send("let go")
+        child.expect("released")
+        child.send("take")  # the record file now exists, and is mapped
+        child.expect(("held", child.pid))
+        assert str(record) in mapped_files(child.pid)
+        child.send("let go")
+        child.expect("released")
+        # As the creator of a record in a shared directory does, a moment
+        # after creating it: from now on others may empty it.
+        record.chmod(0o664)
+        child.send("take")
+        child.expect(("held", child.pid))
+        assert str(record) not in mapped_files(child.pid), "still mapped: a store could fault"
+        assert holder_record(lock_file)["pid"] == child.pid
+        child.send("let go")
+        child.expect("released")
+        child.send("stop")
+        assert child.join() == 0
+    assert owner_record(lock_file) is None
+    assert third_process_can_take(lock_file)
+
+
 def test_mappings_are_bounded_and_go_with_their_lock_objects(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

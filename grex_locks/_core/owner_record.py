@@ -60,6 +60,7 @@ _OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # is still written in place, with pwrite.
 _WRITE_ONLY_FLAGS = (_OPEN_FLAGS & ~os.O_RDWR) | os.O_WRONLY
 _counter = itertools.count()
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
 def record_path(lock_path: Path) -> Path:
@@ -258,6 +259,11 @@ class RecordFile:
                     and st.st_nlink == 1
                     and st.st_size <= MAX_RECORD_BYTES
                 ):
+                    if st.st_mode & _WRITABLE_BY_OTHERS and self._map is not None:
+                        # Made writable by others since it was mapped (its
+                        # creator widens a new file's mode to the
+                        # directory's): they could empty it under a store.
+                        self._remap(fd, -1)
                     return fd, st.st_size
         if self._generation != generation.value:
             # Inherited across a fork: that descriptor was closed in this
@@ -311,12 +317,17 @@ class RecordFile:
                 lock_file.close(fd)
 
     def _remap(self, fd: int, size: int) -> None:
-        """Map the file anew after a write through ``fd`` left it ``size`` bytes long."""
+        """Map the file anew after a write through ``fd`` left it ``size`` bytes long.
+
+        (``size`` -1: just drop the mapping; the next write that changes the
+        file's size tries again.)
+        """
         mapping, self._map = self._map, None
         if mapping is not None:
             unmap(mapping)
         self._map_tried = size
-        self._map = map_record(fd, os.fstat(fd))
+        if size >= 0:
+            self._map = map_record(fd, os.fstat(fd))
 
     def _open_in_place(self) -> int | None:
         """The record file (created if missing), if we may overwrite it in place; else None."""
