@@ -3,11 +3,25 @@
 Each error's ``str()`` is a sentence a person can act on: which lock, and,
 when it is known, who holds it and for how long. Errors cross process
 boundaries (``concurrent.futures`` pickles a worker's exception), so each
-class rebuilds itself from its constructor arguments in ``__reduce__``.
+class rebuilds itself from its constructor arguments in ``__reduce__``, and
+brings along what plain exceptions lose on the way: its ``__cause__`` (a
+``LockIOError``'s ``OSError``), its ``__context__``, and attributes set
+after construction (``add_note``'s notes). A cause that does not pickle
+travels as a plain ``Exception`` carrying its ``repr``, so the error always
+pickles.
+
+A ``ProcessPoolExecutor`` then sets ``__cause__`` of whatever a worker
+raised to the worker's formatted traceback (the standard library does that
+to every exception); the error's own cause is still its ``__context__``
+(a copy of an error with a cause and no context gets the cause as its
+context too), and is shown in that traceback.
 """
 
 from __future__ import annotations
 
+import pickle
+import reprlib
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +37,32 @@ def _holder_clause(holder: Diagnosis | None) -> str:
     return f": {summary}" if summary else ""
 
 
+_probing = threading.local()
+
+
+def _portable(linked: BaseException | None) -> BaseException | None:
+    """``linked`` if it pickles, else a plain ``Exception`` carrying its ``repr``.
+
+    Trying is the only reliable test of picklability. An error met again
+    while its chain is being tried (a cause of a cause, a cycle) is not tried
+    again: the outermost try covers the whole chain.
+    """
+    if linked is None or getattr(_probing, "active", False):
+        return linked
+    _probing.active = True
+    try:
+        pickle.dumps(linked)
+    except Exception:  # noqa: BLE001 - anything that stops it pickling: carry its repr instead
+        try:
+            text = reprlib.repr(linked)
+        except Exception:  # noqa: BLE001 - a repr that fails still leaves the type
+            text = f"<{type(linked).__qualname__}>"
+        return Exception(f"{type(linked).__module__}.{text} (not picklable; shown as its repr)")
+    finally:
+        _probing.active = False
+    return linked
+
+
 class LockError(Exception):
     """Base of every grex_locks error; ``.path`` names the lock file."""
 
@@ -34,8 +74,27 @@ class LockError(Exception):
     def __str__(self) -> str:
         return self.message or f"lock error on {self.path}"
 
+    def _init_args(self) -> tuple[Any, ...]:
+        """The constructor arguments that rebuild this error."""
+        return (self.path, self.message)
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.message))
+        # The constructor rebuilds the error; the state brings back what it
+        # cannot: attributes set since (notes), and the chain of causes.
+        state: dict[str, Any] = dict(self.__dict__)
+        cause = _portable(self.__cause__)
+        # A pool replaces __cause__ when it brings a worker's error back; the
+        # context is left alone, so it carries the cause when there is no other.
+        context = _portable(self.__context__) if self.__context__ is not None else cause
+        if context is not None:
+            state["__context__"] = context
+        if cause is not None:
+            state["__cause__"] = cause
+        if self.__suppress_context__:
+            state["__suppress_context__"] = True
+        # BaseException.__setstate__ sets each in this order: __suppress_context__
+        # comes after __cause__, whose setting turns it on.
+        return (type(self), self._init_args(), state)
 
 
 class LockBusy(LockError):
@@ -56,8 +115,8 @@ class LockBusy(LockError):
         self.holder = holder
         super().__init__(path, message or f"{path} is busy{_holder_clause(holder)}")
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.message, self.holder))
+    def _init_args(self) -> tuple[Any, ...]:
+        return (self.path, self.message, self.holder)
 
 
 class WorkspaceBusy(LockBusy):
@@ -85,8 +144,8 @@ class LockTimeout(LockError, TimeoutError):
             message or f"timed out after {waited:.3f} s waiting for {path}{_holder_clause(holder)}",
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.message, self.holder, self.waited))
+    def _init_args(self) -> tuple[Any, ...]:
+        return (self.path, self.message, self.holder, self.waited)
 
 
 class LockCancelled(LockError):
@@ -122,14 +181,17 @@ class TierViolation(LockError):
             ),
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.held, self.requested, self.message))
+    def _init_args(self) -> tuple[Any, ...]:
+        return (self.path, self.held, self.requested, self.message)
 
 
 class LockIOError(LockError):
     """The operating system refused to open or lock the lock file.
 
-    The ``OSError`` is the ``__cause__``; ``.path`` is the lock file.
+    The ``OSError`` is the ``__cause__``; ``.path`` is the lock file. When a
+    ``ProcessPoolExecutor`` brings the error back from a worker, the pool
+    makes the worker's traceback the ``__cause__``, and the ``OSError`` is
+    the ``__context__``.
     """
 
     def __init__(self, path: Path | str | None, message: str = "") -> None:

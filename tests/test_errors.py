@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from support import HOLD_BACKSTOP, PipedChild, hold_until_told
+from support import DEADLINE, HOLD_BACKSTOP, PipedChild, hold_until_told
 
 from grex_locks import (
     BackendLock,
@@ -28,16 +31,22 @@ from grex_locks import (
 
 LOCK_FILE = Path("/srv/packs/alpha/.grex-lock")
 
-CONSTRUCTED: list[LockError] = [
-    LockError(LOCK_FILE),
-    LockError(LOCK_FILE, "a message"),
-    LockBusy(LOCK_FILE),
-    WorkspaceBusy(LOCK_FILE),
-    LockTimeout(LOCK_FILE, waited=1.25),
-    LockCancelled(LOCK_FILE),
-    TierViolation(LOCK_FILE, held=Tier.BACKEND, requested=Tier.PER_PACK),
-    LockIOError(LOCK_FILE),
-]
+
+def _constructed() -> list[LockError]:
+    """One fresh error of each kind (fresh, so that a test may give them causes)."""
+    return [
+        LockError(LOCK_FILE),
+        LockError(LOCK_FILE, "a message"),
+        LockBusy(LOCK_FILE),
+        WorkspaceBusy(LOCK_FILE),
+        LockTimeout(LOCK_FILE, waited=1.25),
+        LockCancelled(LOCK_FILE),
+        TierViolation(LOCK_FILE, held=Tier.BACKEND, requested=Tier.PER_PACK),
+        LockIOError(LOCK_FILE),
+    ]
+
+
+CONSTRUCTED = _constructed()
 
 
 def _round_trip(error: LockError) -> LockError:
@@ -197,3 +206,151 @@ def test_holds_permits_and_groups_refuse_to_pickle_saying_what_to_send(tmp_path:
             fresh = pickle.loads(pickle.dumps(packs[0]))  # noqa: S301 - our own bytes
             assert fresh.path == packs[0].path
             assert not fresh.held
+
+
+# -- the cause travels with the error ------------------------------------------------------------
+
+
+def _raised_from(error: LockError, cause: BaseException) -> LockError:
+    """``error`` as the library raises it: ``raise error from cause`` while handling ``cause``."""
+    try:
+        try:
+            raise cause
+        except BaseException as exc:
+            raise error from exc
+    except LockError as raised:
+        return raised
+
+
+def _os_error() -> OSError:
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(LOCK_FILE))
+
+
+def _assert_same_os_error(copy: BaseException | None, original: OSError) -> None:
+    assert type(copy) is type(original)
+    assert isinstance(copy, OSError)
+    assert (copy.errno, copy.strerror, copy.filename) == (
+        original.errno,
+        original.strerror,
+        original.filename,
+    )
+
+
+@pytest.mark.parametrize(
+    "index", range(len(CONSTRUCTED)), ids=lambda i: type(CONSTRUCTED[i]).__name__
+)
+def test_every_error_pickles_with_its_cause(index: int) -> None:
+    cause = _os_error()
+    error = _raised_from(_constructed()[index], cause)
+    copy = _round_trip(error)
+    _assert_same(copy, error)
+    _assert_same_os_error(copy.__cause__, cause)
+    assert copy.__context__ is copy.__cause__
+    assert copy.__suppress_context__
+
+
+def test_a_real_lock_io_error_keeps_its_os_error_through_pickle(tmp_path: Path) -> None:
+    (tmp_path / "pack" / ".grex-lock").mkdir(parents=True)
+    with pytest.raises(LockIOError) as refused:
+        PackLock(tmp_path / "pack")
+    cause = refused.value.__cause__
+    assert isinstance(cause, IsADirectoryError)
+    copy = _round_trip(refused.value)
+    _assert_same(copy, refused.value)
+    _assert_same_os_error(copy.__cause__, cause)
+
+
+def test_a_chain_of_causes_pickles_whole() -> None:
+    inner = _raised_from(LockIOError(LOCK_FILE, "inner"), _os_error())
+    outer = _raised_from(LockTimeout(LOCK_FILE, waited=2.0), inner)
+    copy = _round_trip(outer)
+    _assert_same(copy, outer)
+    assert isinstance(copy.__cause__, LockIOError)
+    _assert_same(copy.__cause__, inner)
+    _assert_same_os_error(copy.__cause__.__cause__, _os_error())
+
+
+def test_notes_and_attributes_set_later_travel_too() -> None:
+    error = LockBusy(LOCK_FILE)
+    error.add_note("while syncing pack alpha")
+    copy = _round_trip(error)
+    assert copy.__notes__ == ["while syncing pack alpha"]
+
+
+class _Unpicklable(Exception):
+    """An exception that cannot be pickled: it carries a lock."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.guard = threading.Lock()
+
+
+@pytest.mark.parametrize("link", ["__cause__", "__context__"])
+def test_an_unpicklable_cause_does_not_make_the_error_unpicklable(link: str) -> None:
+    error = LockIOError(LOCK_FILE, "refused")
+    setattr(error, link, _Unpicklable("the reason"))
+    with pytest.raises(TypeError):
+        pickle.dumps(getattr(error, link))
+    copy = _round_trip(error)
+    _assert_same(copy, error)
+    stand_in = getattr(copy, link)
+    assert stand_in is not None
+    assert "_Unpicklable" in str(stand_in)
+    assert "the reason" in str(stand_in)
+
+
+def test_a_cycle_of_causes_pickles() -> None:
+    first = LockError(LOCK_FILE, "first")
+    second = LockError(LOCK_FILE, "second")
+    first.__cause__ = second
+    second.__cause__ = first
+    copy = _round_trip(first)
+    assert copy.__cause__ is not None
+    assert str(copy.__cause__) == "second"
+    assert copy.__cause__.__cause__ is copy
+
+
+# -- a pool worker's error reaches the parent whole ------------------------------------------------
+
+
+def _open_pack_lock(pack: Path) -> None:
+    """A pool task: open a pack lock (the pack has a directory where its lock file goes)."""
+    PackLock(pack)
+
+
+def _raise(error: LockError) -> None:
+    """A pool task: raise ``error`` (which travelled to the worker pickled)."""
+    raise error
+
+
+def test_errors_raised_in_a_spawn_pool_worker_keep_attributes_and_os_error(tmp_path: Path) -> None:
+    """What the worker raised, the parent catches: class, message, attributes, and the OSError.
+
+    The pool itself (``concurrent.futures``) replaces every exception's
+    ``__cause__`` with the worker's formatted traceback; the OSError the
+    error was raised from is still its ``__context__``, and named in that
+    traceback.
+    """
+    (tmp_path / "pack" / ".grex-lock").mkdir(parents=True)
+    with pytest.raises(LockIOError) as here:
+        PackLock(tmp_path / "pack")
+    sent = [_raised_from(error, _os_error()) for error in _constructed()]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        opened = pool.submit(_open_pack_lock, tmp_path / "pack")
+        raised = [pool.submit(_raise, error) for error in sent]
+        with pytest.raises(LockIOError) as caught:
+            opened.result(timeout=3 * DEADLINE)
+        received: list[BaseException | None] = [
+            future.exception(timeout=3 * DEADLINE) for future in raised
+        ]
+    _assert_same(caught.value, here.value)
+    context = caught.value.__context__
+    assert isinstance(context, IsADirectoryError)
+    assert isinstance(here.value.__cause__, OSError)
+    _assert_same_os_error(context, here.value.__cause__)
+    assert "IsADirectoryError" in str(caught.value.__cause__)
+    for error, back in zip(sent, received, strict=True):
+        assert isinstance(back, LockError)
+        _assert_same(back, error)
+        _assert_same_os_error(back.__context__, _os_error())
