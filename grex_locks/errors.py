@@ -38,6 +38,8 @@ def _holder_clause(holder: Diagnosis | None) -> str:
 
 
 _probing = threading.local()
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 200
 
 
 def _portable(linked: BaseException | None) -> BaseException | None:
@@ -54,7 +56,7 @@ def _portable(linked: BaseException | None) -> BaseException | None:
         pickle.dumps(linked)
     except Exception:  # noqa: BLE001 - anything that stops it pickling: carry its repr instead
         try:
-            text = reprlib.repr(linked)
+            text = _REPR.repr(linked)
         except Exception:  # noqa: BLE001 - a repr that fails still leaves the type
             text = f"<{type(linked).__qualname__}>"
         return Exception(f"{type(linked).__module__}.{text} (not picklable; shown as its repr)")
