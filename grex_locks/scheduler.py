@@ -49,7 +49,7 @@ from ._core.fair_queue import FairQueue, Ticket
 from ._core.fork import generation
 from ._core.kernel_wait import KernelWait
 from ._core.kernel_wait import kernel_wait as kernel_wait_for
-from ._core.lock_file import FileKey
+from ._core.lock_file import FileKey, not_a_directory
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier, enter_tier
 from ._core.undo import Undo, UndoHandle, held_until_released
@@ -69,11 +69,16 @@ _BOUND_FILE_MAX = 4096
 
 
 def _bound_io_error(path: Path, what: str, exc: OSError) -> LockIOError:
-    reason = (
-        "a symlink sits there, and it is never followed"
-        if exc.errno == errno.ELOOP
-        else exc.strerror or str(exc)
-    )
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocked = not_a_directory(path, "the slots directory")
+    else:
+        blocked = None
+    if blocked is not None:
+        reason = blocked
+    elif exc.errno == errno.ELOOP:
+        reason = "a symlink sits there, and it is never followed"
+    else:
+        reason = exc.strerror or str(exc)
     error = LockIOError(path, f"cannot {what} {path}: {reason}")
     error.__cause__ = exc
     return error

@@ -34,8 +34,55 @@ def track(fd: int) -> None:
     _owned.add(fd)
 
 
+def _kind_of(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a file of another kind"
+
+
+def not_a_directory(path: Path, directory: str = "its directory") -> str | None:
+    """Why ``path``'s directory cannot be made: an ancestor that exists is not a directory.
+
+    A sentence naming the nearest existing ancestor of ``path`` when that is
+    not a directory (``its directory /ws/afile is a regular file, not a
+    directory``; ``directory`` names ``path.parent`` for a person), or
+    ``None`` when it is one (or cannot be looked at).
+    """
+    for ancestor in path.parents:
+        try:
+            os.lstat(ancestor)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there: its own parent is the one to look at
+        except OSError:
+            return None
+        try:
+            mode = os.stat(ancestor).st_mode
+        except FileNotFoundError:
+            what = "a symlink to nothing"
+        except OSError:
+            return None
+        else:
+            if stat.S_ISDIR(mode):
+                return None
+            what = ("a symlink to " if os.path.islink(ancestor) else "") + _kind_of(mode)
+        if ancestor == path.parent:
+            return f"{directory} {ancestor} is {what}, not a directory"
+        return f"{ancestor} is {what}, not a directory, so {directory} {path.parent} cannot be made"
+    return None
+
+
 def _refusal(path: Path, exc: OSError) -> LockIOError:
-    if exc.errno == errno.ELOOP:
+    blocked = not_a_directory(path) if exc.errno in (errno.EEXIST, errno.ENOTDIR) else None
+    if blocked is not None:
+        # mkdir of the lock file's directory met a file: EEXIST, or ENOTDIR below one.
+        reason = blocked
+    elif exc.errno == errno.ELOOP:
         reason = "a symlink sits at the lock file's path and lock files are never followed"
     elif exc.errno == errno.EISDIR:
         reason = "a directory sits where the lock file should be"
