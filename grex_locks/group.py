@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 from ._core.tiers import enter_tier
 from ._core.undo import Undo, UndoHandle, held_until_released
-from ._core.waiting import CancelEvent, deadline_after
-from .locks import _FileLock
+from ._core.waiting import CancelEvent
+from .locks import _checked_cancel, _deadline, _FileLock
 
 
 class HeldGroup(UndoHandle):
@@ -36,10 +36,12 @@ def acquire_all(
     """Take every lock in ``locks`` (all of one tier), sorted by file identity.
 
     The same lock file given twice is taken once; an empty list is a no-op.
-    ``timeout`` covers the whole group. On any failure the locks already
-    taken are released before the error propagates. Locks of different
-    tiers are a ``ValueError``.
+    ``timeout`` covers the whole group (``None`` or ``math.inf``: no limit);
+    ``cancel`` is an event, as for one lock. On any failure the locks
+    already taken are released before the error propagates. Locks of
+    different tiers are a ``ValueError``.
     """
+    cancel = _checked_cancel(cancel)
     unique: dict[tuple[int, int], _FileLock] = {}
     for lock in locks:
         unique.setdefault(lock._core.key, lock)
@@ -47,7 +49,7 @@ def acquire_all(
     if len(tiers) > 1:
         names = ", ".join(sorted(tier.name for tier in tiers))
         raise ValueError(f"acquire_all takes locks of one tier, got {names}")
-    deadline = deadline_after(timeout)
+    deadline = _deadline(timeout)
     ordered = [unique[key] for key in sorted(unique)]
     for lock in ordered:
         lock._core.refuse_reentry()

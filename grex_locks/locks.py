@@ -8,6 +8,7 @@ record, tier check, fork safety, pickling — is :class:`_FileLock`'s, once.
 from __future__ import annotations
 
 import os
+import reprlib
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ BACKEND_LOCK_SUFFIX = ".grex-backend.lock"
 MANIFEST_LOCK_FILE_NAME = ".grex.lock"
 
 StrPath = str | os.PathLike[str]
+
+#: ``repr`` for error messages: whole for anything ordinary, cut short when huge.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+
+
+def _describe(value: object) -> str:
+    """``value`` in an error message: its (shortened) repr and its type."""
+    return f"{_REPR.repr(value)} ({type(value).__name__})"
 
 
 @dataclass(frozen=True)
@@ -89,11 +99,15 @@ class _FileLock:
     def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Block until the lock is held; return a context manager that releases it.
 
-        ``timeout`` (seconds; 0 means one try) raises :class:`LockTimeout` when
-        it runs out; setting ``cancel`` raises :class:`LockCancelled` promptly,
-        even while another process holds the lock.
+        ``timeout`` (seconds; 0 means one try; ``None`` or ``math.inf``: no
+        limit) raises :class:`LockTimeout` when it runs out; setting ``cancel``
+        (an event: anything with ``is_set()`` and ``wait(timeout)``, else a
+        ``TypeError``) raises :class:`LockCancelled` promptly, even while
+        another process holds the lock.
         """
-        return self._take(wait=self._waits, deadline=deadline_after(timeout), cancel=cancel)
+        return self._take(
+            wait=self._waits, deadline=_deadline(timeout), cancel=_checked_cancel(cancel)
+        )
 
     def try_acquire(self) -> Hold:
         """Take the lock if it is free right now; raise :class:`LockBusy` otherwise."""
@@ -202,8 +216,9 @@ class WorkspaceLock(_FileLock):
 
     def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Take the workspace lock now or raise :class:`WorkspaceBusy`."""
-        del cancel
-        deadline_after(timeout)  # ignored, but a negative timeout is still a ValueError
+        # Both ignored, but a negative timeout or a cancel that is no event is still an error.
+        _deadline(timeout)
+        _checked_cancel(cancel)
         return self._take(wait=False)
 
 
@@ -251,7 +266,9 @@ class ManifestLock(_FileLock):
 
     def read(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Hold the lock shared (no owner record) until the returned context exits."""
-        return self._take(shared=True, wait=True, deadline=deadline_after(timeout), cancel=cancel)
+        return self._take(
+            shared=True, wait=True, deadline=_deadline(timeout), cancel=_checked_cancel(cancel)
+        )
 
     def write(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Hold the lock exclusively until the returned context exits."""
@@ -265,3 +282,32 @@ def _absolute(target: StrPath, kind: str) -> Path:
     if not isinstance(target, (str, os.PathLike)):
         raise TypeError(f"{kind} needs a path (str or os.PathLike), not {target!r}")
     return Path(target).absolute()
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """The deadline of a public ``timeout``; ``inf`` (or longer than a thread can wait) is none.
+
+    ``None`` and ``math.inf`` both wait as long as it takes; a negative,
+    NaN or non-numeric timeout is a ``ValueError``.
+    """
+    deadline = deadline_after(timeout)
+    if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+        return None
+    return deadline
+
+
+def _checked_cancel(cancel: CancelEvent | None) -> CancelEvent | None:
+    """``cancel`` if it can be a cancel event (or is ``None``); a ``TypeError`` at the call if not.
+
+    Only the shape is checked: an event whose ``is_set()`` fails later (its
+    Manager is gone) still ends the wait as cancelled.
+    """
+    if cancel is None or (
+        callable(getattr(cancel, "is_set", None)) and callable(getattr(cancel, "wait", None))
+    ):
+        return cancel
+    raise TypeError(
+        "cancel= takes None or an event: an object with is_set() and wait(timeout), such as "
+        "threading.Event or a multiprocessing Manager().Event(); "
+        f"got {_describe(cancel)}"
+    )
