@@ -9,12 +9,15 @@ of its tier.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from ._core.tiers import enter_tier
 from ._core.undo import Undo, UndoHandle, held_until_released
 from ._core.waiting import CancelEvent
-from .locks import _checked_cancel, _deadline, _FileLock
+from .locks import _checked_cancel, _deadline, _describe, _FileLock
+
+_ACCEPTED = "PackLock, WorkspaceLock, BackendLock or ManifestLock objects"
 
 
 class HeldGroup(UndoHandle):
@@ -39,11 +42,12 @@ def acquire_all(
     ``timeout`` covers the whole group (``None`` or ``math.inf``: no limit);
     ``cancel`` is an event, as for one lock. On any failure the locks
     already taken are released before the error propagates. Locks of
-    different tiers are a ``ValueError``.
+    different tiers are a ``ValueError``; anything but a lock is a
+    ``TypeError``, raised before anything is taken.
     """
     cancel = _checked_cancel(cancel)
     unique: dict[tuple[int, int], _FileLock] = {}
-    for lock in locks:
+    for lock in _locks_in(locks):
         unique.setdefault(lock._core.key, lock)
     tiers = {lock._core.tier for lock in unique.values()}
     if len(tiers) > 1:
@@ -63,3 +67,20 @@ def acquire_all(
         return HeldGroup(undo, ordered)
 
     return held_until_released(take_all)
+
+
+def _locks_in(locks: Iterable[_FileLock]) -> list[_FileLock]:
+    """Every item of ``locks``, each checked to be a lock; a ``TypeError`` naming one that is not.
+
+    Checked in full before anything is taken.
+    """
+    if isinstance(locks, (_FileLock, str, bytes, os.PathLike)) or not isinstance(locks, Iterable):
+        raise TypeError(
+            f"acquire_all takes a list (or other iterable) of {_ACCEPTED}, "
+            f"not {_describe(locks)}; to take one lock, pass [lock]"
+        )
+    given = list(locks)
+    for index, lock in enumerate(given):
+        if not isinstance(lock, _FileLock):
+            raise TypeError(f"acquire_all takes {_ACCEPTED}; item {index} is {_describe(lock)}")
+    return given

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import (
@@ -287,3 +288,39 @@ def test_releasing_a_group_twice_is_a_runtime_error(tmp_path: Path) -> None:
             group.release()
     finally:
         _release_left_over(a, b)
+
+
+# -- what acquire_all accepts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "intruder",
+    ["not a lock", 42, None, Path("/tmp/x"), Scheduler(1)],
+    ids=["str", "int", "None", "Path", "Scheduler"],
+)
+def test_acquire_all_refuses_what_is_not_a_lock_before_taking_anything(
+    tmp_path: Path, intruder: Any
+) -> None:
+    first = PackLock(tmp_path / "a")
+    last = PackLock(tmp_path / "b")
+    with pytest.raises(TypeError) as caught:
+        acquire_all([first, intruder, last])
+    text = str(caught.value)
+    assert repr(intruder)[:40] in text
+    assert "PackLock" in text
+    assert "ManifestLock" in text
+    assert "item 1" in text
+    for lock in (first, last):
+        assert not lock.held
+        _free_for_another_thread(lock)
+
+
+@pytest.mark.parametrize("given", ["single lock", "str"])
+def test_acquire_all_needs_a_collection_of_locks(tmp_path: Path, given: str) -> None:
+    lock = PackLock(tmp_path / "a")
+    locks: Any = lock if given == "single lock" else str(tmp_path / "a")
+    with pytest.raises(TypeError) as caught:
+        acquire_all(locks)
+    assert "acquire_all" in str(caught.value)
+    assert "list" in str(caught.value)
+    assert not lock.held
