@@ -83,6 +83,7 @@ class LockError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # The constructor rebuilds the error; the state brings back what it
         # cannot: attributes set since (notes), and the chain of causes.
+        args = self._init_args()  # first: reading them may settle attributes (see Scheduler's)
         state: dict[str, Any] = dict(self.__dict__)
         cause = _portable(self.__cause__)
         # A pool replaces __cause__ when it brings a worker's error back; the
@@ -96,7 +97,7 @@ class LockError(Exception):
             state["__suppress_context__"] = True
         # BaseException.__setstate__ sets each in this order: __suppress_context__
         # comes after __cause__, whose setting turns it on.
-        return (type(self), self._init_args(), state)
+        return (type(self), args, state)
 
 
 class LockBusy(LockError):

@@ -230,9 +230,10 @@ class _NamesHoldersWhenRead:
         return self._holders
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # LockBusy's or LockTimeout's own, which reads the message (describing it).
+        # LockBusy's or LockTimeout's own, which reads the message (describing it)
+        # and keeps the chain of causes; the holders of every slot go along.
         rebuilt = cast("tuple[Any, ...]", super().__reduce__())
-        return (*rebuilt[:2], {"_holders": self.holders})
+        return (*rebuilt[:2], {**rebuilt[2], "_holders": self.holders})
 
 
 class PermitsBusy(_NamesHoldersWhenRead, LockBusy):

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from support import DEADLINE, HOLD_BACKSTOP, PipedChild, hold_until_told
+from support import DEADLINE, HOLD_BACKSTOP, HeldInThread, PipedChild, hold_until_told
 
 from grex_locks import (
     BackendLock,
@@ -24,6 +24,7 @@ from grex_locks import (
     LockIOError,
     LockTimeout,
     PackLock,
+    Scheduler,
     Tier,
     TierViolation,
     WorkspaceBusy,
@@ -308,6 +309,26 @@ def test_a_cycle_of_causes_pickles() -> None:
     assert copy.__cause__ is not None
     assert str(copy.__cause__) == "second"
     assert copy.__cause__.__cause__ is copy
+
+
+@pytest.mark.parametrize("read_first", [False, True], ids=["unread", "read"])
+def test_scheduler_refusals_pickle_with_cause_and_notes(read_first: bool) -> None:
+    """A permit refusal (its holders diagnosed when first read) keeps its chain too."""
+    scheduler = Scheduler(1)
+    with HeldInThread(lambda: scheduler.acquire(timeout=DEADLINE)):
+        with pytest.raises(LockBusy) as busy:
+            scheduler.try_acquire()
+        with pytest.raises(LockTimeout) as timed_out:
+            scheduler.acquire(timeout=0.01)
+    for refusal in (busy.value, timed_out.value):
+        if read_first:
+            str(refusal)
+        error = _raised_from(refusal, _os_error())
+        error.add_note("while running pack alpha")
+        copy = _round_trip(error)
+        _assert_same(copy, error)
+        _assert_same_os_error(copy.__cause__, _os_error())
+        assert copy.__notes__ == ["while running pack alpha"]
 
 
 # -- a pool worker's error reaches the parent whole ------------------------------------------------
