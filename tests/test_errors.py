@@ -9,7 +9,7 @@ import multiprocessing.connection
 import os
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -375,3 +375,23 @@ def test_errors_raised_in_a_spawn_pool_worker_keep_attributes_and_os_error(tmp_p
         assert isinstance(back, LockError)
         _assert_same(back, error)
         _assert_same_os_error(back.__context__, _os_error())
+
+
+def test_a_failed_flock_is_a_lock_io_error_with_the_os_error_as_cause(tmp_path: Path) -> None:
+    from grex_locks._core import os_lock
+
+    path = tmp_path / "closed.lock"
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    os.close(fd)  # flock on a closed descriptor: EBADF
+    calls: dict[str, Callable[[], object]] = {
+        "try_lock": lambda: os_lock.try_lock(fd, path, False),
+        "lock_blocking": lambda: os_lock.lock_blocking(fd, path, shared=False),
+        "unlock": lambda: os_lock.unlock(fd, path),
+    }
+    for name, call in calls.items():
+        with pytest.raises(LockIOError) as caught:
+            call()
+        cause = caught.value.__cause__
+        assert isinstance(cause, OSError), name
+        assert cause.errno == errno.EBADF, name
+        assert caught.value.path == path

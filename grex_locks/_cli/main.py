@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("pack", metavar="PACK", help="pack directory whose .grex-lock to hold")
     wait = run.add_mutually_exclusive_group()
-    wait.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds")
+    wait.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="give up after S seconds (inf: wait as long as it takes)",
+    )
     wait.add_argument("--no-wait", action="store_true", help="fail at once if the lock is held")
     # Everything after "--" is the command's, options included (argparse's rule).
     run.add_argument("cmd", nargs="*", metavar="CMD", help="the command, after --")

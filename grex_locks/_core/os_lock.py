@@ -29,9 +29,8 @@ _UNLOCK = fcntl.LOCK_UN
 
 
 def _io_error(path: Path, what: str, cause: BaseException) -> LockIOError:
-    error = LockIOError(path, f"cannot {what} lock file {path}: {cause}")
-    error.__cause__ = cause
-    return error
+    # Raised "from cause": the OSError is the error's __cause__ (API).
+    return LockIOError(path, f"cannot {what} lock file {path}: {cause}")
 
 
 def try_lock(fd: int, path: Path, shared: bool) -> bool:
@@ -41,7 +40,7 @@ def try_lock(fd: int, path: Path, shared: bool) -> bool:
     except BlockingIOError:
         return False
     except OSError as exc:
-        raise _io_error(path, "lock", exc) from None
+        raise _io_error(path, "lock", exc) from exc
     return True
 
 
@@ -56,7 +55,7 @@ def lock_blocking(fd: int, path: Path, *, shared: bool) -> None:
         _locker.lock(fd, _BLOCKING_FLAGS[shared])
     except portalocker.LockException as exc:
         cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
-        raise _io_error(path, "lock", cause) from None
+        raise _io_error(path, "lock", cause) from cause
 
 
 def unlock(fd: int, path: Path) -> None:
@@ -64,4 +63,4 @@ def unlock(fd: int, path: Path) -> None:
     try:
         _flock(fd, _UNLOCK)
     except OSError as exc:
-        raise _io_error(path, "unlock", exc) from None
+        raise _io_error(path, "unlock", exc) from exc
