@@ -149,11 +149,14 @@ class _FileLock:
         core = self._core
         queue = core.queue.statistics()
         names = {thread.ident: thread.name for thread in threading.enumerate()}
+        granted = queue.granted_threads
+        # A thread let through the queue but still waiting for the flock (held
+        # by another process) waits: it holds nothing yet.
         return LockStatistics(
             held=core.held,
-            holder_threads=tuple(names.get(ident, str(ident)) for ident in queue.holder_threads),
-            exclusive=queue.exclusive,
-            threads_waiting=queue.waiting,
+            holder_threads=tuple(names.get(ident, str(ident)) for ident in granted),
+            exclusive=queue.exclusive and bool(granted),
+            threads_waiting=queue.waiting + queue.holders - len(granted),
             kernel_waiters=blocked_on(core.key),
         )
 

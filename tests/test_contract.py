@@ -357,3 +357,33 @@ def test_statistics_show_holder_thread_and_waiters(kind: LockKind, tmp_path: Pat
         waiter.join(10)
         assert not waiter.is_alive()
     assert lock.statistics().holder_threads == ()
+
+
+def test_statistics_never_count_a_thread_waiting_in_the_kernel_as_a_holder(
+    kind: LockKind, tmp_path: Path
+) -> None:
+    if not kind.waits:
+        pytest.skip(f"{kind} never waits")
+    lock = kind.make(tmp_path / "target")
+    with PipedChild("spawn", hold_until_told, kind.make(tmp_path / "target")) as holder:
+        holder.expect(("held", holder.pid))
+        # Through the in-process queue, then blocked in the kernel: one with a
+        # deadline (a helper thread's flock), one without (flock directly).
+        waiters = [
+            threading.Thread(target=lambda: lock.acquire(timeout=10).release(), name="timed"),
+            threading.Thread(target=lambda: kind.make(tmp_path / "target").acquire().release()),
+        ]
+        for waiter in waiters:
+            waiter.start()
+        until(lambda: lock.statistics().threads_waiting == 2, "both waiters counted as waiting")
+        stats = lock.statistics()
+        assert stats.holder_threads == ()
+        assert not stats.held
+        assert not stats.exclusive
+        holder.send("let go")
+        holder.expect("released")
+        for waiter in waiters:
+            waiter.join(10)
+            assert not waiter.is_alive()
+    assert lock.statistics().holder_threads == ()
+    assert lock.statistics().threads_waiting == 0

@@ -32,12 +32,15 @@ from .waiting import CancelEvent, Wake, wait_for
 class Ticket:
     """One thread's request for a place: waiting, then admitted, then gone."""
 
-    __slots__ = ("admitted", "exclusive", "thread", "wake")
+    __slots__ = ("admitted", "exclusive", "granted", "thread", "wake")
 
     def __init__(self, thread: int, exclusive: bool) -> None:
         self.thread = thread
         self.exclusive = exclusive
         self.admitted = False
+        #: Set by the caller once what the place is for is really held (a lock
+        #: file's flock): an admitted ticket may still wait in the kernel.
+        self.granted = False
         # Made only for a ticket that has to wait: most never do.
         self.wake: Wake | None = None
 
@@ -46,9 +49,12 @@ class Ticket:
 class QueueStatistics:
     """A snapshot of one queue: who is in, who waits."""
 
+    #: Threads admitted (through the queue, though maybe still waiting in the kernel).
     holder_threads: tuple[int, ...]
     exclusive: bool
     waiting: int
+    #: Of ``holder_threads``, those whose tickets are marked granted.
+    granted_threads: tuple[int, ...] = ()
 
     @property
     def holders(self) -> int:
@@ -177,6 +183,7 @@ class FairQueue:
                 holder_threads=tuple(ticket.thread for ticket in holders),
                 exclusive=bool(holders) and holders[0].exclusive,
                 waiting=len(self._waiting),
+                granted_threads=tuple(ticket.thread for ticket in holders if ticket.granted),
             )
 
 

@@ -428,6 +428,7 @@ class LockCore:
             elif not self._lock_os(hold, wait, deadline, cancel):
                 hold._unwind()
                 return None
+            ticket.granted = True
             if not shared:
                 hold._recorded = True
                 self._record.write(self.tier, hold)
