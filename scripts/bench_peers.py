@@ -559,6 +559,65 @@ def w_spin_rate(st: WorkerState, iterations: int, tries: int) -> dict[str, float
     }
 
 
+#: A nanosecond clock on the system-wide CLOCK_MONOTONIC: ``perf_counter_ns`` where it is that
+#: clock (Linux), so a waiter's timings and its reported grant compare with another process's.
+NS_CLOCK: Callable[[], int] = (
+    time.perf_counter_ns
+    if time.get_clock_info("perf_counter").implementation
+    == time.get_clock_info("monotonic").implementation
+    else time.monotonic_ns
+)
+
+
+def w_spin_ns(st: WorkerState, iterations: int, tries: int) -> list[int]:
+    """ns of ``spin(iterations)`` timed as the hand-off floor's waiter times it, but warm.
+
+    The same clock reads around the same call, ``tries`` times back to back after a warm-up.
+    """
+    clock = NS_CLOCK
+    for _ in range(10):
+        spin(iterations)
+    took = []
+    for _ in range(tries):
+        start = clock()
+        spin(iterations)
+        took.append(clock() - start)
+    return took
+
+
+def w_release_work(st: WorkerState, key: str, pack: str, work: int) -> tuple[float, int]:
+    """``release`` with ``work`` spin iterations between deciding to let go and letting go.
+
+    Returns the moment it decided (the hand-off's start, in seconds on CLOCK_MONOTONIC)
+    and the ns its loop took.
+    """
+    peer = st.peer(key, pack)
+    clock = NS_CLOCK
+    start = clock()
+    spin(work)
+    end = clock()
+    peer.release()
+    return start / 1e9, end - start
+
+
+def w_wait_work(st: WorkerState, key: str, pack: str, work: int) -> tuple[float, int]:
+    """``wait`` with ``work`` spin iterations right after the grant, before reporting it.
+
+    Returns the moment the waiter was done (seconds on CLOCK_MONOTONIC) and the ns its loop
+    took, timed around the loop only: what that code costs right after a wake.
+    """
+    peer = st.peer(key, pack)
+    clock = NS_CLOCK
+    st.conn.send(("note", time.monotonic()))
+    if not peer.acquire():
+        raise TimeoutError(f"{key}: waited {MAX_WAIT} s for the handoff")
+    start = clock()
+    spin(work)
+    end = clock()
+    peer.release()
+    return end / 1e9, end - start
+
+
 def w_baton(st: WorkerState, n: int, seconds: float, *, before: int, after: int) -> dict[str, Any]:
     """``n`` threads pass a baton round-robin through bare ``_thread`` locks.
 
@@ -918,6 +977,9 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "spin_rate": w_spin_rate,
     "baton": w_baton,
     "flock_floor": w_flock_floor,
+    "spin_ns": w_spin_ns,
+    "release_work": w_release_work,
+    "wait_work": w_wait_work,
     "hold_packs": w_hold_packs,
     "many_packs": w_many_packs,
     "hold_slots": w_hold_slots,

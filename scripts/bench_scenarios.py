@@ -67,6 +67,12 @@ FLOOR_N = 4
 BATON_WORK = (0, 5, 10, 20)
 #: and G, the µs of busy work each flock process does between its unlock and its next lock.
 FLOCK_GAPS = (0, 2, 5, 10, 20)
+#: and the µs of busy work a raw flock waiter does right after its wake in the hand-off floor,
+FLOOR_HANDOFF_WORK = (0, 2, 5, 10, 20)
+#: and in its one two-sided variant, on each side (the holder's before its unlock).
+FLOOR_HANDOFF_BOTH = 5
+#: How many warm timings of the waiter's loop make its warm median.
+FLOOR_WARM_TRIES = 200
 #: The spin-loop calibration: the fastest of this many timings of this many iterations.
 SPIN_CALIBRATION = (25, 20_000)
 CAVEAT = (
@@ -97,6 +103,7 @@ class Settings:
     many_packs: int
     floor_reps: int
     floor_seconds: float
+    floor_handoff_trials: int
 
 
 QUICK = Settings(
@@ -119,6 +126,7 @@ QUICK = Settings(
     many_packs=2_000,
     floor_reps=1,
     floor_seconds=0.25,
+    floor_handoff_trials=30,
 )
 FULL = Settings(
     uncontended_reps=15,
@@ -140,6 +148,7 @@ FULL = Settings(
     many_packs=100_000,
     floor_reps=3,
     floor_seconds=0.5,
+    floor_handoff_trials=100,
 )
 
 
@@ -725,6 +734,144 @@ def _flock_floor_once(b: Bench, n: int, gap: int) -> dict[str, Any]:
     }
 
 
+#: A variant of the hand-off floor: (holder's, waiter's) µs of work, or None for the handoff
+#: scenario's own worker commands (no loop, no loop timing).
+HandoffWork = tuple[int, int] | None
+
+
+def _handoff_work_once(
+    b: Bench, pool: Workers, pack: str, variant: HandoffWork, loops: Callable[[int], int]
+) -> tuple[float, float, float]:
+    """One raw flock hand-off timed as ``_handoff_once`` times it, with work on either side.
+
+    Returns the hand-off in seconds and the ns the waiter's and the holder's loops took
+    (NaN where there was none).
+    """
+    key = "flock"
+    pool.call(0, "hold", key, pack)
+    if variant is None:
+        pool.send(1, "wait", key, pack)
+    else:
+        pool.send(1, "wait_work", key, pack, loops(variant[1]))
+    pool.recv(1, QUICK_CALL, "note")
+    time.sleep(SETTLE)  # as _handoff_once: raw flock has no polling period to randomise against
+    holder_ns = math.nan
+    if variant is None or not variant[0]:
+        released = pool.call(0, "release", key, pack)
+    else:
+        released, holder_ns = pool.call(0, "release_work", key, pack, loops(variant[0]))
+    got = pool.recv(1, MAX_WAIT + 10)
+    granted, waiter_ns = (got, math.nan) if variant is None else got
+    if granted < released:
+        b.report.fail("LOCK VIOLATION: raw flock granted the waiter before the holder let go")
+    return float(granted - released), float(waiter_ns), float(holder_ns)
+
+
+def _floor_handoff(b: Bench, loops: Callable[[int], int], per_us: float) -> None:
+    """The floors' third table: raw flock hand-offs whose waiter (or holder) does some work."""
+    trials, both = b.s.floor_handoff_trials, FLOOR_HANDOFF_BOTH
+    variants: list[HandoffWork] = [None, *((0, w) for w in FLOOR_HANDOFF_WORK), (both, both)]
+    sec = Section(
+        "floors_handoff",
+        "Floor, hand-off: raw flock with work after the wake",
+        f"the handoff scenario's method, worker processes and commands, on raw flock: {trials} "
+        "trials interleaved across the rows, after one discarded round; the holder takes the "
+        "lock, the waiter blocks in flock(LOCK_EX), "
+        f"{SETTLE * 1e3:.0f} ms later the holder notes t0 and unlocks; t1 when the waiter is "
+        "done. Waiter W µs: it runs W µs (warm) of the calibrated pure-Python loop right "
+        "after its flock returns, before t1 (what a library does after the grant), timing "
+        "the loop with perf_counter_ns (CLOCK_MONOTONIC) on each side, t1 the second read. "
+        "Holder W µs: the holder too runs the loop between t0 and its flock(LOCK_UN) (a "
+        "library blanking its record before unlocking). The first row is the handoff "
+        "scenario's own commands: t1 the first clock read after the wake, no loop",
+        [
+            "raw flock hand-off",
+            "holder W µs",
+            "waiter W µs",
+            "loops",
+            "median µs",
+            "p90 µs",
+            "µs vs work=0",
+            "vs work=0",
+        ],
+    )
+    b.report.sections.append(sec)
+    pool = b.workers(2)
+    pack = str(b.pack("floors", "handoff-flock"))
+    took: dict[HandoffWork, list[float]] = {v: [] for v in variants}
+    waiter: dict[HandoffWork, list[float]] = {v: [] for v in variants}
+    holder: dict[HandoffWork, list[float]] = {v: [] for v in variants}
+    for v in variants:  # the warm-up round: first calls, first opens
+        _handoff_work_once(b, pool, pack, v, loops)
+    for trial in range(trials):
+        for v in rotated(variants, trial):
+            seconds, waiter_ns, holder_ns = _handoff_work_once(b, pool, pack, v, loops)
+            took[v].append(seconds)
+            waiter[v].append(waiter_ns)
+            holder[v].append(holder_ns)
+    warm = {
+        w: [float(ns) for ns in pool.call(1, "spin_ns", loops(w), FLOOR_WARM_TRIES)]
+        for w in FLOOR_HANDOFF_WORK
+    }
+
+    def us1(seconds: float) -> str:
+        return f"{seconds * 1e6:.1f}"
+
+    med = {v: median(values) for v, values in took.items()}
+    ref = med[0, 0]
+
+    def row(first: list[str], got: float, p90: float) -> list[str]:
+        return [*first, us1(got), us1(p90), f"{(got - ref) * 1e6:+.1f}", ratio(got, ref)]
+
+    for v, values in took.items():
+        if v is None:
+            first = ["wake (the handoff scenario's commands)", "", "", ""]
+        elif not v[0]:
+            first = ["wake, loop", "", str(v[1]), str(loops(v[1]))]
+        else:
+            first = ["loop, unlock | wake, loop", str(v[0]), str(v[1])]
+            first.append(f"{loops(v[0])} | {loops(v[1])}")
+        sec.rows.append(row(first, med[v], pct(values, 0.9)))
+        name = "commands" if v is None else f"holder{v[0]}_waiter{v[1]}"
+        sec.data[name] = {"median": med[v], "p90": pct(values, 0.9), "samples": values}
+        sec.data[name] |= {"waiter_loop_ns": waiter[v], "holder_loop_ns": holder[v]}
+    sec.data["warm_loop_ns"] = {str(w): values for w, values in warm.items()}
+    handoff_sec = b.report.section("handoff")
+    if handoff_sec is None or "flock" not in handoff_sec.data:
+        sec.notes.append(
+            "the handoff scenario did not run: run `--only handoff floors` to see grex_locks' "
+            "and raw flock's hand-off beside these floors"
+        )
+    else:
+        for key in ["grex", "flock"]:
+            got = handoff_sec.data.get(key)
+            if got is not None:
+                what = f"same run, handoff scenario: {label(key)}"
+                sec.rows.append(row([what, "", "", ""], got["median"], got["p90"]))
+        sec.notes.append(
+            f"the handoff scenario's rows: {b.s.handoff_trials} trials, interleaved with the "
+            "other libraries' (its raw flock row runs the same commands as this table's first)"
+        )
+    cold = []
+    for w in FLOOR_HANDOFF_WORK:
+        after, before = median(waiter[0, w]) / 1e3, median(warm[w]) / 1e3
+        cold.append(f"W={w}: {before:.2f} -> {after:.2f} µs ({after / before:.1f}x, ")
+        cold[-1] += f"{after - before:+.1f} µs)"
+    after_both = median(waiter[both, both]) / 1e3
+    held = median(holder[both, both]) / 1e3
+    sec.notes.append(
+        "the cold-path penalty: the waiter's loop (with its two clock reads), median warm "
+        f"({FLOOR_WARM_TRIES} back-to-back timings in the waiter process) -> right after the "
+        f"wake (over the trials): {'; '.join(cold)}. Two-sided row: the waiter's loop "
+        f"{after_both:.2f} µs, the holder's {held:.2f} µs (its loop runs right after the "
+        "release command wakes it from its pipe)"
+    )
+    sec.notes.append(
+        f"W=0 still takes the clock twice and calls an empty loop after the wake; {per_us:.1f} "
+        "loop iterations per µs, as above; 'vs work=0' against the W=0 row's median"
+    )
+
+
 def floors(b: Bench) -> None:
     """The physical floors under issue 11's two missed throughput targets, same run.
 
@@ -732,6 +879,9 @@ def floors(b: Bench) -> None:
     between threads of one interpreter, with W µs of the thread's own work per turn.
     Processes: raw flock re-taken after G µs of work between unlock and lock (what a library
     spends there), with the share of cycles where another process got the lock.
+    Hand-off: the handoff scenario's raw flock hand-off with W µs of work right after the
+    waiter's wake (and once on the holder's side too), and what that work costs there
+    against warm: the cold-path penalty any library's code after the grant pays.
     """
     n = FLOOR_N
     reps, seconds = b.s.floor_reps, b.s.floor_seconds
@@ -788,6 +938,7 @@ def floors(b: Bench) -> None:
             else:
                 for gap in rotated(FLOCK_GAPS, rep):
                     runs[gap].append(_flock_floor_once(b, n, loops(gap)))
+    _floor_handoff(b, loops, per_us)
     again = float(b.workers(n).call(0, "spin_rate", iterations, tries)["per_us"])
 
     def span(values: Sequence[float]) -> str:
