@@ -22,8 +22,9 @@ of issue 11 ("Where it stands") and of earlier issues, each with its grex_locks
 figure, the peers' figures from the same run, and whether it was met. The
 ``floors`` scenario sets no target: it measures, in the same run, what bare
 thread locks and raw flock allow at all (a first-come-first-served baton among
-4 threads; 4 processes re-taking one flock after G µs between unlock and lock),
-the floors under the 4-thread and 4-process targets.
+4 threads; 4 processes re-taking one flock after G µs between unlock and lock;
+a raw flock hand-off whose waiter runs W µs of Python right after its wake-up),
+the floors under the 4-thread, 4-process and hand-off targets.
 
 The process exits non-zero when a lock let two holders in at once where it
 promises not to, when a scenario failed, or when grex_locks could not be
