@@ -77,17 +77,25 @@ def _hold_when_told(conn: multiprocessing.connection.Connection, pack: str) -> N
             conn.send("released")
 
 
+def hold_mapped(child: PipedChild) -> None:
+    """Have ``child`` (running :func:`_hold_when_told`) hold the lock with its record mapped.
+
+    Its first hold creates the record file; the second maps it.
+    """
+    child.send("take")
+    child.expect(("held", child.pid))
+    child.send("let go")
+    child.expect("released")
+    child.send("take")
+    child.expect(("held", child.pid))
+
+
 @pytest.mark.parametrize("when", ["while held", "between holds"])
 def test_a_record_emptied_behind_the_holder_never_crashes_it(pack: Path, when: str) -> None:
     lock_file = pack / ".grex-lock"
     record = record_file(lock_file)
     with PipedChild("spawn", _hold_when_told, str(pack)) as child:
-        child.send("take")
-        child.expect(("held", child.pid))
-        child.send("let go")
-        child.expect("released")
-        child.send("take")  # the record file now exists, and is mapped
-        child.expect(("held", child.pid))
+        hold_mapped(child)
         if when == "between holds":
             child.send("let go")
             child.expect("released")
@@ -175,12 +183,7 @@ def test_a_record_made_writable_by_others_after_mapping_is_unmapped(pack: Path) 
     lock_file = pack / ".grex-lock"
     record = record_file(lock_file)
     with PipedChild("spawn", _hold_when_told, str(pack)) as child:
-        child.send("take")
-        child.expect(("held", child.pid))
-        child.send("let go")
-        child.expect("released")
-        child.send("take")  # the record file now exists, and is mapped
-        child.expect(("held", child.pid))
+        hold_mapped(child)
         assert str(record) in mapped_files(child.pid)
         child.send("let go")
         child.expect("released")
