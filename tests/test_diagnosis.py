@@ -26,11 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import DEADLINE, Holders, check_words, read_line
 
+from grex_locks import PackLock, WorkspaceLock
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import Diagnosis, Holder, HolderState
 from grex_locks._diagnostics.kernel_lock_table import KernelLockTable
 from grex_locks._diagnostics.scan import scan
-from grex_locks.errors import LockBusy
+from grex_locks.errors import LockBusy, LockTimeout
 
 
 @pytest.fixture
@@ -139,6 +140,79 @@ def test_orphaned_when_the_descriptor_outlives_its_recorded_owner(
     assert f"held by pid {grandchild} (" in d.holder_summary()
     assert f"inherited from pid {proc.pid}" in d.holder_summary()
     check_words(d)
+    # The errors an acquire raises say the same: the dead holder took the lock.
+    for error in errors_meeting_a_holder(lock.parent):
+        assert error.holder is not None
+        assert error.holder.state is HolderState.ORPHANED, str(error)
+        assert f"pid {grandchild} (" in str(error)
+        assert f"inherited from pid {proc.pid}" in str(error)
+
+
+#: Print "ready", then hold until stdin closes: the command a holder runs.
+READY = "import sys; print('ready', flush=True); sys.stdin.read()"
+
+#: Take a grex lock (pack or workspace) on argv[2], say "ready", hold until stdin closes.
+GREX_HOLDER = r"""
+import sys
+from grex_locks import PackLock, WorkspaceLock
+hold = (PackLock if sys.argv[1] == "pack" else WorkspaceLock)(sys.argv[2]).acquire()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def errors_meeting_a_holder(directory: Path, kind: str = "pack") -> list[LockBusy | LockTimeout]:
+    """The errors a grex acquire of ``directory``'s lock of ``kind`` raises now: busy, timed out."""
+    lock = PackLock(directory) if kind == "pack" else WorkspaceLock(directory)
+    errors: list[LockBusy | LockTimeout] = []
+    with pytest.raises(LockBusy) as busy:
+        lock.try_acquire()
+    errors.append(busy.value)
+    if kind == "pack":
+        with pytest.raises(LockTimeout) as timed_out:
+            lock.acquire(timeout=0.05)
+        errors.append(timed_out.value)
+    return errors
+
+
+def flock_holding(holders: Holders, lock: Path) -> Any:
+    """util-linux ``flock -o LOCK CMD``: flock(1) itself holds ``lock`` while CMD runs."""
+    flock = shutil.which("flock")
+    if flock is None:
+        pytest.skip("util-linux flock(1) is not installed")
+    proc = holders.spawn(flock, "-o", str(lock), sys.executable, "-c", READY)
+    assert read_line(proc) == "ready"
+    return proc
+
+
+@pytest.mark.parametrize("kind", ["pack", "workspace"])
+def test_a_foreign_flock_after_a_crash_is_an_unknown_holder_in_errors_too(
+    tmp_path: Path, holders: Holders, kind: str
+) -> None:
+    """A SIGKILLed grex holder leaves its record; flock(1) then takes the lock: UNKNOWN_HOLDER.
+
+    The record names a process that neither holds nor took the lock, and
+    the errors an acquire raises must not say the flock(1) process inherited it.
+    """
+    crashed = holders.spawn(sys.executable, "-c", GREX_HOLDER, kind, str(tmp_path))
+    assert read_line(crashed) == "ready"
+    holders.kill(crashed)
+    lock = tmp_path / (".grex-lock" if kind == "pack" else ".grex.sync.lock")
+    flock = flock_holding(holders, lock)
+    d = diagnose(lock)
+    assert d.state is HolderState.UNKNOWN_HOLDER
+    assert d.owner is not None
+    assert d.owner["pid"] == crashed.pid
+    errors = errors_meeting_a_holder(tmp_path, kind)
+    for error in errors:
+        text = str(error)
+        assert error.holder is not None
+        assert error.holder.state is HolderState.UNKNOWN_HOLDER, text
+        assert "inherited" not in text
+        assert f"held by pid {flock.pid} (flock " in text
+        assert f"not by pid {crashed.pid} that its owner record names" in text
+        assert "inherited" not in error.holder.explain()
+        check_words(error.holder)
 
 
 def test_unknown_holder_util_linux_flock(lock: Path, holders: Holders) -> None:
@@ -225,8 +299,6 @@ def test_pack_lock_in_a_child_process(tmp_path: Path, holders: Holders) -> None:
     assert d.owner is not None
     assert d.owner["tier"] == 2
     assert d.owner["thread"] == "MainThread"
-    from grex_locks import PackLock
-
     with pytest.raises(LockBusy) as caught:
         PackLock(tmp_path).try_acquire()
     error = caught.value

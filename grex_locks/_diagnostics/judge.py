@@ -124,22 +124,67 @@ def _verdict_unseen(record: RecordRead, probe: Probe) -> _Verdict:
 
 
 def _verdict_exclusive(
-    owner: dict[str, Any], key: FileKey, taker_pids: list[int], probe: Probe
+    owner: dict[str, Any], key: FileKey, taker_pids: list[int] | None, probe: Probe
 ) -> _Verdict:
-    """Held exclusively with a valid record: does the recorded process hold it?"""
+    """Held exclusively with a valid record: does the recorded process hold it, or did it take it?
+
+    ``taker_pids`` are the pids the kernel says took the lock (``0``: one it
+    does not show from this pid namespace); ``None`` when that is not known.
+    """
     pid: int = owner["pid"]
     identity = probe.identity(pid, owner["create_time"])
     if identity == "alive":
         holds = probe.files.holds(pid, key)
-        if holds or (holds is None and pid in taker_pids):
+        if holds or (holds is None and pid in (taker_pids or ())):
             return _Verdict(HolderState.HELD, holder_pids=[pid])
+        return _Verdict(HolderState.UNKNOWN_HOLDER)
+    gone = "now belongs to another process" if identity == "reused" else "has exited"
+    if taker_pids is None:
+        # Whether the holder inherited the lock from pid N, or took it after
+        # N was gone (a foreign flock(1) after a crash), cannot be told: say
+        # neither.
+        return _Verdict(
+            HolderState.UNKNOWN_HOLDER,
+            f"pid {pid} {gone}; whether it took the lock is not known here",
+        )
     # The kernel names the pid that took the lock: if that is the recorded
     # (now dead) process, whoever holds it inherited the descriptor.
-    took_it = pid in taker_pids or not any(p > 0 for p in taker_pids)
-    if identity != "alive" and took_it:
-        gone = "now belongs to another process" if identity == "reused" else "has exited"
+    if pid in taker_pids or not any(p > 0 for p in taker_pids):
         return _Verdict(HolderState.ORPHANED, f"pid {pid} {gone}")
     return _Verdict(HolderState.UNKNOWN_HOLDER)
+
+
+def _verdict_busy(
+    record: RecordRead, owner: dict[str, Any] | None, key: FileKey, probe: Probe
+) -> _Verdict:
+    """Judge a lock known only to be held (an acquire was just refused), cheapest evidence first.
+
+    A live recorded process that holds it is the cheap answer; else the
+    holders' own ``fdinfo`` tells readers (who write no record) and who took
+    the lock, as the kernel's table would; that table itself is read only
+    when a dead recorded process and no visible holder leave it open.
+    """
+    if owner is not None:
+        pid: int = owner["pid"]
+        if probe.identity(pid, owner["create_time"]) == "alive" and probe.files.holds(pid, key):
+            return _Verdict(HolderState.HELD, holder_pids=[pid])
+    readers = probe.readers(key, [lock.pid for lock in probe.table.waiters(key)])
+    if readers:
+        return _Verdict(HolderState.HELD, shared=True, holder_pids=readers)
+    if owner is None:
+        return _verdict_no_record(record)
+    takers: list[int] | None = probe.files.takers(key)
+    if not takers and probe.identity(owner["pid"], owner["create_time"]) != "alive":
+        table = KernelLockTable.read(attempts=1, inode=key[1])
+        takers = [lock.pid for lock in table.holders(key)] or None
+    return _verdict_exclusive(owner, key, takers, probe)
+
+
+def _verdict_no_record(record: RecordRead) -> _Verdict:
+    """Held, with no record, or one that cannot be read."""
+    no_record = record.status in (RecordStatus.MISSING, RecordStatus.EMPTY)
+    why = "" if no_record else f"the owner record is unreadable: {record.problem}"
+    return _Verdict(HolderState.UNKNOWN_HOLDER, why)
 
 
 def _holds_per_fdinfo(owner: dict[str, Any], key: FileKey, probe: Probe) -> bool:
@@ -177,18 +222,9 @@ def _verdict(  # noqa: PLR0911 - one return per row of the state table
     if granted and modes == {"READ"}:
         return _Verdict(HolderState.HELD, shared=True)
     if MODE_UNKNOWN in modes:
-        # Only "held" is known: a live recorded holder is the cheap answer;
-        # else the holders' own fdinfo tells readers (who write no record).
-        if owner is not None:
-            verdict = _verdict_exclusive(owner, key, taker_pids, probe)
-            if verdict.state is HolderState.HELD:
-                return verdict
-        readers = probe.readers(key, [lock.pid for lock in probe.table.waiters(key)])
-        if readers:
-            return _Verdict(HolderState.HELD, shared=True, holder_pids=readers)
+        return _verdict_busy(record, owner, key, probe)
     if owner is None:
-        why = "" if no_record else f"the owner record is unreadable: {record.problem}"
-        return _Verdict(HolderState.UNKNOWN_HOLDER, why)
+        return _verdict_no_record(record)
     return _verdict_exclusive(owner, key, taker_pids, probe)
 
 

@@ -217,7 +217,7 @@ class ProcessFiles:
         self._by_pid: dict[int, dict[FileKey, list[int]] | None] = {}
         self._walked_all = False
         self._fdinfo_locks = _fdinfo_lists_locks()
-        self._fdinfo: dict[tuple[int, int], tuple[bool | None, str]] = {}
+        self._fdinfo: dict[tuple[int, int], tuple[bool | None, str, int | None]] = {}
 
     def files_of(self, pid: int) -> dict[FileKey, list[int]] | None:
         """The regular files ``pid`` has open, by identity; ``None`` if that cannot be seen."""
@@ -247,21 +247,31 @@ class ProcessFiles:
         """Whether descriptor ``fd`` of ``pid`` holds a granted flock; ``None`` if unknowable."""
         return self._fd_flock(pid, fd)[0]
 
-    def _fd_flock(self, pid: int, fd: int) -> tuple[bool | None, str]:
-        """``(locked, mode)`` of descriptor ``fd`` of ``pid``, from its ``fdinfo`` (cached)."""
+    def _fd_flock(self, pid: int, fd: int) -> tuple[bool | None, str, int | None]:
+        """``(locked, mode, taker)`` of descriptor ``fd`` of ``pid``, from its ``fdinfo`` (cached).
+
+        ``taker`` is the pid its ``lock:`` line names: as in ``/proc/locks``,
+        the process that took the lock (``0``: not visible from this pid
+        namespace), which need not be ``pid`` (a descriptor inherited, or
+        handed on); ``None`` when no lock line was seen.
+        """
         known = self._fdinfo.get((pid, fd))
         if known is not None:
             return known
         try:
             text = Path(f"{self._proc}/{pid}/fdinfo/{fd}").read_text("ascii", "replace")
         except OSError:
-            return (None, "")
-        found: tuple[bool | None, str] = (False if self._fdinfo_locks else None, "")
+            return (None, "", None)
+        found: tuple[bool | None, str, int | None] = (
+            False if self._fdinfo_locks else None,
+            "",
+            None,
+        )
         for line in text.splitlines():
             if line.startswith("lock:"):
                 lock = parse_line(line[len("lock:") :])
                 if lock is not None and lock.kind == "FLOCK" and not lock.waiting:
-                    found = (True, lock.mode)
+                    found = (True, lock.mode, lock.pid)
                     break
         self._fdinfo[(pid, fd)] = found
         return found
@@ -286,6 +296,16 @@ class ProcessFiles:
         if True in verdicts:
             return True
         return None if None in verdicts else False
+
+    def takers(self, key: FileKey) -> list[int]:
+        """Who took the flock on ``key``, as its holders' ``fdinfo`` says (walks every process).
+
+        The same pids the kernel's table would list, learned without reading
+        that table (which can take milliseconds); ``[]`` when no holder's
+        ``fdinfo`` could be seen.
+        """
+        takers = (self._fd_flock(o.pid, o.fd)[2] for o in self.openers(key) if o.locked)
+        return list(dict.fromkeys(pid for pid in takers if pid is not None))
 
     def openers(self, key: FileKey) -> list[Opener]:
         """Every visible process with ``key`` open — the expensive walk over all of ``/proc``."""
