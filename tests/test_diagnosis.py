@@ -247,15 +247,63 @@ def test_unknown_holder_plain_fcntl_and_record_naming_a_non_holder(
     check_words(d)
 
 
-@pytest.mark.parametrize("held", [False, True])
-def test_remote_record_is_never_judged(lock: Path, holders: Holders, held: bool) -> None:
-    if held:
-        holders.hold(lock, record="none")
+def test_remote_record_is_never_judged(lock: Path) -> None:
     write_record(lock, own_record(pid=4242, hostname="build-7.elsewhere.invalid"))
     d = diagnose(lock)
     assert d.state is HolderState.REMOTE
     assert "build-7.elsewhere.invalid" in d.holder_summary()
     assert "build-7.elsewhere.invalid" in d.explain()
+    check_words(d)
+
+
+@pytest.mark.parametrize("holder", ["fcntl", "flock(1)"])
+def test_remote_record_while_a_local_process_holds_is_an_unknown_holder(
+    lock: Path, holders: Holders, holder: str
+) -> None:
+    """The kernel shows a holder here: the lock can be seen, so it is not REMOTE.
+
+    The record names a pid on another host, which neither holds nor took the
+    lock here: UNKNOWN_HOLDER, naming the local holder — in diagnose, scan
+    and the errors an acquire raises. Its pid (1, alive here) is never
+    looked up on this host.
+    """
+    proc = holders.hold(lock, record="none") if holder == "fcntl" else flock_holding(holders, lock)
+    write_record(lock, own_record(pid=1, hostname="build-7.elsewhere.invalid"))
+    (scanned,) = scan(lock.parent)
+    for d in (diagnose(lock), scanned, *(e.holder for e in errors_meeting_a_holder(lock.parent))):
+        assert d is not None
+        assert d.state is HolderState.UNKNOWN_HOLDER, d.explain()
+        assert [h.pid for h in d.holders] == [proc.pid]
+        summary = d.holder_summary()
+        assert summary.startswith(f"held by pid {proc.pid} (")
+        assert "not by pid 1 on host build-7.elsewhere.invalid that its owner record names" in (
+            summary
+        )
+        text = d.explain()
+        assert f"pid {proc.pid} (" in text
+        assert "Check on" not in text
+        assert "Waiting is safe while it runs" in text
+        check_words(d)
+        assert "written on build-7.elsewhere.invalid, does not describe it" in text
+    # Once the local holder is gone, the record is never judged from here ...
+    holders.kill(proc)
+    assert diagnose(lock).state is HolderState.REMOTE
+    # ... and, as waiting was safe, an acquire here takes the lock and records itself.
+    with PackLock(lock.parent).acquire(timeout=DEADLINE):
+        d = diagnose(lock)
+        assert d.state is HolderState.HELD
+        assert [h.pid for h in d.holders] == [os.getpid()]
+
+
+def test_remote_record_while_local_readers_hold_is_held_shared(
+    lock: Path, holders: Holders
+) -> None:
+    readers = [holders.hold(lock, mode="sh", record="none") for _ in range(2)]
+    write_record(lock, own_record(pid=4242, hostname="build-7.elsewhere.invalid"))
+    d = diagnose(lock)
+    assert d.state is HolderState.HELD
+    assert d.shared
+    assert sorted(h.pid for h in d.holders) == sorted(r.pid for r in readers)
     check_words(d)
 
 

@@ -150,7 +150,9 @@ class Diagnosis:
     record path. ``record_at`` is where the record was read when that is
     not beside ``path`` (another hard-link name of the same lock file);
     ``record_user`` the user owning the record file, when it is a file.
-    ``observer`` is ``(pid, parent pid)`` of the process that diagnosed.
+    ``record_host`` is the host the record names when that is not the host
+    that diagnosed (its pid means nothing here). ``observer`` is
+    ``(pid, parent pid)`` of the process that diagnosed.
     """
 
     path: Path
@@ -169,6 +171,7 @@ class Diagnosis:
     record_at: Path | None = None
     record_user: str = ""
     observer: tuple[int, int] = field(default_factory=_observer)
+    record_host: str = ""
 
     @property
     def kind(self) -> str:
@@ -280,8 +283,9 @@ class Diagnosis:
         elif state is HolderState.UNKNOWN_HOLDER:
             who = ", ".join(self._who(p) for p in pids) or "a process that cannot be identified"
             named = isinstance(recorded, int) and not self.record_problem
+            host = f" on host {clean(self.record_host)}" if self.record_host else ""
             text = f"held by {who}, " + (
-                f"not by pid {recorded} that its owner record names"
+                f"not by pid {recorded}{host} that its owner record names"
                 if named
                 else "with no usable owner record"
             )

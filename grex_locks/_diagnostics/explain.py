@@ -199,8 +199,15 @@ def _unknown(d: Diagnosis) -> str:
             f"{d.record_user} (or root) to remove {record}, or to make it writable to the "
             "users who share this directory. Waiting is safe while the holder runs."
         )
+    if d.record_host:
+        start += (
+            f"{_note(d)}. The holder runs on this host, so the record, written on "
+            f"{d.record_host}, does not describe it: it is"
+        )
+    else:
+        start += f"{_note(d)}:"
     return (
-        f"{start}{_note(d)}: a tool outside grex_locks (such as flock(1)), or a holder that "
+        f"{start} a tool outside grex_locks (such as flock(1)), or a holder that "
         "has not recorded itself yet or could not (see the log of the program that took "
         "it). Waiting is safe while it runs; check what that process is doing."
     )

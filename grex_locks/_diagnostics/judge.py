@@ -187,6 +187,37 @@ def _verdict_no_record(record: RecordRead) -> _Verdict:
     return _Verdict(HolderState.UNKNOWN_HOLDER, why)
 
 
+def _verdict_remote(  # noqa: PLR0911 - one return per case
+    owner: dict[str, Any], hostname: str, key: FileKey, probe: Probe
+) -> _Verdict:
+    """A record written on another host: judged only by who holds the lock *here*.
+
+    A lock nobody here holds cannot be judged from here (its holder, if any,
+    is on that host): ``REMOTE``. One that a process here holds can be seen:
+    the record names a process that neither holds nor took it here (its pid
+    means nothing on this host, and is never looked up).
+    """
+    remote = _Verdict(HolderState.REMOTE, f"recorded on host {hostname}")
+    if not probe.table.available:
+        return remote
+    granted = probe.table.holders(key)
+    modes = {lock.mode for lock in granted}
+    if MODE_UNKNOWN in modes:
+        # Held, says a refused acquire: by a process here only if one's
+        # fdinfo shows the lock (a holder on the other host shows nowhere here).
+        local = [o.pid for o in probe.files.openers(key) if o.locked]
+        if not local:
+            return remote
+        if all(probe.files.lock_mode(pid, key) == "READ" for pid in local):
+            return _Verdict(HolderState.HELD, shared=True, holder_pids=local)
+        return _Verdict(HolderState.UNKNOWN_HOLDER, holder_pids=local)
+    if not granted:
+        return remote  # free here, or only waited for here: held, if at all, elsewhere
+    if modes == {"READ"}:
+        return _Verdict(HolderState.HELD, shared=True)
+    return _Verdict(HolderState.UNKNOWN_HOLDER)
+
+
 def _holds_per_fdinfo(owner: dict[str, Any], key: FileKey, probe: Probe) -> bool:
     """Whether the live process a record names holds the lock, by its own fdinfo.
 
@@ -202,14 +233,21 @@ def _holds_per_fdinfo(owner: dict[str, Any], key: FileKey, probe: Probe) -> bool
     )
 
 
+def remote_host(record: RecordRead, probe: Probe) -> str:
+    """The host a valid record names, if that is not this one; else ``""``."""
+    owner = record.owner if record.status is RecordStatus.VALID else None
+    hostname = owner.get("hostname") if owner is not None else None
+    return hostname if isinstance(hostname, str) and hostname != probe.hostname else ""
+
+
 def _verdict(  # noqa: PLR0911 - one return per row of the state table
     record: RecordRead, key: FileKey, held: bool, probe: Probe
 ) -> _Verdict:
     owner = record.owner if record.status is RecordStatus.VALID else None
     no_record = record.status in (RecordStatus.MISSING, RecordStatus.EMPTY)
-    hostname = owner.get("hostname") if owner is not None else None
-    if isinstance(hostname, str) and hostname != probe.hostname:
-        return _Verdict(HolderState.REMOTE, f"recorded on host {hostname}")
+    hostname = remote_host(record, probe)
+    if owner is not None and hostname:
+        return _verdict_remote(owner, hostname, key, probe)
     if not probe.table.available:
         return _verdict_unseen(record, probe)
     if not held:
@@ -311,6 +349,7 @@ def judge(
         record_file_type=record.file_type,
         record_user=probe.user(record.uid),
         record_at=record_at,
+        record_host=remote_host(record, probe),
         holders=probe.holders(pids),
         waiters=probe.holders(waiter_pids),
         lock_pids=tuple(dict.fromkeys(taker_pids)),
