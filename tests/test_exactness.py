@@ -16,6 +16,8 @@ same rules (``scripts/stress_exact.py``):
 * ``grex-locks run`` hands the lock to its command: ``HELD`` by ``run``, then
   ``ORPHANED`` with the command among the holders once ``run`` is killed,
   then ``STALE_RECORD`` once the command is gone;
+* a live holder taking and releasing its lock in a loop is never called
+  dead (``STALE_RECORD``), however the diagnosis falls across its holds;
 * a short randomized chaos run has no miss.
 
 No sleep synchronises anything: barriers, events and pipes do, each wait
@@ -37,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -391,6 +394,86 @@ def _wait_gone(pid: int, deadline: float) -> None:
         assert ready, f"pid {pid} did not exit"
     finally:
         os.close(pidfd)
+
+
+# -- a live holder cycling its lock: never STALE_RECORD -----------------------------------------
+
+
+def cycle_pack_lock(pack: str, cycling: Any, stop: Any) -> None:
+    """Take and release ``pack``'s lock until ``stop`` is set, each hold in a new named thread.
+
+    The names differ in length, so records (and the spaces that blank them)
+    differ from hold to hold as in real use; ``cycling`` is set after the first hold.
+    """
+    lock = PackLock(pack)
+
+    def hold() -> None:
+        with lock.acquire(timeout=DEADLINE):
+            pass
+
+    count = 0
+    while not stop.is_set():
+        count += 1
+        thread = threading.Thread(target=hold, name="t" * (count % 37 + 1))
+        thread.start()
+        thread.join(DEADLINE)
+        cycling.set()
+
+
+@pytest.mark.timeout(60)
+def test_a_live_holder_cycling_its_lock_is_never_called_dead(tmp_path: Path) -> None:
+    """diagnose() and scan() of a lock whose live holder takes and releases it in a loop.
+
+    A record read during one hold and a kernel table read after its release
+    must not make a STALE_RECORD ("its holder died"): the holder is alive all
+    along. A holder really killed still leaves a STALE_RECORD, seen at once.
+    """
+    pack, repo = tmp_path / "pack", tmp_path / "repo"
+    pack.mkdir()
+    lock = PackLock(pack).path
+    context = multiprocessing.get_context("spawn")
+    cycling, stop = context.Event(), context.Event()
+    cycler = context.Process(target=cycle_pack_lock, args=(str(pack), cycling, stop))
+    cycler.start()
+    states: Counter[str] = Counter()
+    dead: list[dict[str, Any]] = []
+    strangers: list[dict[str, Any]] = []
+    try:
+        assert cycling.wait(DEADLINE), "the cycling holder never took its lock"
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            by_scan = sum(states.values()) % 2 == 1
+            d = scan(pack)[0] if by_scan else diagnose(lock)
+            states[d.state.name] += 1
+            if d.state.name == "STALE_RECORD":
+                dead.append(d.to_dict())
+            elif d.state.name == "HELD" and [h.pid for h in d.holders] != [cycler.pid]:
+                strangers.append(d.to_dict())
+        alive = cycler.is_alive()
+    finally:
+        stop.set()
+        cycler.join(DEADLINE)
+        if cycler.exitcode is None:
+            cycler.kill()
+            cycler.join(DEADLINE)
+    assert alive, "the cycling holder died during the test"
+    assert cycler.exitcode == 0
+    total = sum(states.values())
+    called = f"{len(dead)} of {total} called the live holder dead ({dict(states)})"
+    assert not dead, f"{called}: {dead[0]}"
+    assert not strangers, f"HELD by someone else: {strangers[0]}"
+    # A holder really killed while it holds leaves its record: STALE_RECORD, by either way.
+    ready = context.Event()
+    doomed = context.Process(target=take_and_die, args=(str(repo), ready))
+    doomed.start()
+    assert ready.wait(DEADLINE), "the doomed holder never took its lock"
+    os.kill(doomed.pid or 0, signal.SIGKILL)
+    doomed.join(DEADLINE)
+    backend = BackendLock(repo).path
+    for d in (diagnose(backend), *(d for d in scan(tmp_path) if d.path == backend)):
+        assert d.state.name == "STALE_RECORD", d.to_dict()
+        assert d.owner is not None
+        assert d.owner["pid"] == doomed.pid
 
 
 # -- a short randomized run --------------------------------------------------------------------

@@ -32,11 +32,14 @@ def inspect(
     *,
     record: RecordRead | None = None,
     note: str = "",
+    before: RecordRead | None = None,
 ) -> Diagnosis:
     """Diagnose whatever sits at the lock path ``path`` (``st`` is its ``lstat``, if known).
 
     ``record`` is its owner record when already known (a scan knows from the
     directory listing that there is none); by default it is read now.
+    ``before`` is the record as read before ``probe``'s table, if it was
+    (it can confirm a stale record at once).
 
     A missing file is ``FREE``; one the system will not let us look at is
     ``UNREADABLE``; anything but a regular file is diagnosed by its own
@@ -66,6 +69,7 @@ def inspect(
         links=st.st_nlink,
         lock_file_type=file_type,
         note=note,
+        before=before,
     )
 
 
@@ -126,9 +130,13 @@ def diagnose(
         inode = os.lstat(path).st_ino
     except OSError:
         inode = None
+    live = table is None
+    # The record is read before the table as well as after it: a record
+    # alike on both sides of a table showing the lock free is a stale one.
+    before = read_record(path) if live else None
     if table is None:
         table = KernelLockTable.read(inode=inode)
-    result = inspect(path, Probe(table), note=note)
+    result = inspect(path, Probe(table, live=live), note=note, before=before)
     logger.debug("{}: {}", path, result.state.name)
     return result
 

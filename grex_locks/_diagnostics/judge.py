@@ -14,7 +14,7 @@ import pwd
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from grex_locks._core.owner_record import OWNER_SUFFIX, record_path
 
 from .diagnosis import Diagnosis, Holder, HolderState, finite_seconds
 from .kernel_lock_table import KernelLockTable, ProcessFiles
-from .record_reader import RecordRead, RecordStatus, read_record_at
+from .record_reader import RecordRead, RecordStatus, read_record, read_record_at
 
 #: psutil derives start times from the boot time, which the kernel may report a
 #: second apart between readers; a reused pid starts much later than that.
@@ -42,13 +42,26 @@ class Probe:
     once and each process is asked about once.
     """
 
-    def __init__(self, table: KernelLockTable | None = None) -> None:
+    def __init__(self, table: KernelLockTable | None = None, *, live: bool | None = None) -> None:
+        #: Whether :attr:`table` is the kernel's, read for this inspection, so that a
+        #: verdict may be confirmed by reading it again (not a snapshot given by a caller).
+        self.live = table is None if live is None else live
         self.table = table if table is not None else KernelLockTable.read()
         self.files = ProcessFiles()
         self.hostname = socket.gethostname()
         self.now = time.time()
         self._holders: dict[int, Holder | None] = {}
         self._users: dict[int, str] = {}
+
+    def again(self, key: FileKey) -> Probe:
+        """A new look at the lock ``key``: its kernel table lines read now, no process known yet.
+
+        What the first look learned about processes (their files, whether
+        they live) is not carried over: it may have changed since.
+        """
+        fresh = Probe(KernelLockTable.read(inode=key[1]), live=True)
+        fresh._users = self._users
+        return fresh
 
     def user(self, uid: int) -> str:
         """The name of user ``uid`` (its number if it has none); ``""`` for ``-1``."""
@@ -228,8 +241,10 @@ def _holds_per_fdinfo(owner: dict[str, Any], key: FileKey, probe: Probe) -> bool
     exact (and cheap: one process).
     """
     pid: int = owner["pid"]
-    return probe.identity(pid, owner["create_time"]) == "alive" and bool(
-        probe.files.holds(pid, key)
+    # fdinfo first, right after the record was read: a short hold can end
+    # while psutil looks the process up.
+    return bool(probe.files.holds(pid, key)) and (
+        probe.identity(pid, owner["create_time"]) == "alive"
     )
 
 
@@ -297,37 +312,46 @@ def _record_of_another_name(path: Path, key: FileKey) -> tuple[RecordRead, Path]
     return None
 
 
-def judge(
-    path: Path,
-    key: FileKey | None,
-    record: RecordRead,
-    probe: Probe,
-    *,
-    links: int = 1,
-    lock_file_type: str = "",
-    note: str = "",
-) -> Diagnosis:
-    """Diagnose the lock file ``path`` (identity ``key``, ``None`` if absent) given its record.
+@dataclass
+class _Look:
+    """One look at a held or recorded lock: the record, the kernel's lines about it, the verdict."""
 
-    ``links`` is the lock file's link count: with more than one name, a
-    record is also looked for beside its other names. ``lock_file_type`` says
-    what sits at ``path`` if it is not a regular file.
-    """
-    base: dict[str, Any] = {
-        "path": path,
-        "kernel_visible": probe.table.available,
-        "diagnosed_at": probe.now,
-        "lock_file_type": lock_file_type,
-    }
-    if key is None:
-        return Diagnosis(
-            state=HolderState.FREE,
-            note=note or "the lock file does not exist",
-            record_file_type=record.file_type,
-            **base,
+    record: RecordRead
+    record_at: Path | None
+    verdict: _Verdict
+    taker_pids: list[int]
+    waiter_pids: list[int]
+    holder_pids: list[int]
+    probe: Probe
+    key: FileKey
+
+    def current(self) -> bool:
+        """Whether a holder still held the lock after the record was read (or that cannot be told).
+
+        A table read during a short hold and a record read after it see a
+        lock held without a record; the holder's own ``fdinfo``, read last,
+        says whether that hold is still on.
+        """
+        holds = self.probe.files.holds
+        return not self.holder_pids or any(
+            holds(pid, self.key) is not False for pid in self.holder_pids
         )
-    if record.status is RecordStatus.MISSING and probe.table.available and key not in probe.table:
-        return Diagnosis(state=HolderState.FREE, note=note, **base)  # the common case, cheap
+
+    def agrees_with(self, other: _Look) -> bool:
+        """Whether ``other`` saw the same: verdict, record bytes, takers and holders, still held."""
+        return (
+            self.current()
+            and other.current()
+            and self.verdict.state is other.verdict.state
+            and self.record.same_as(other.record)
+            and self.record_at == other.record_at
+            and sorted(self.taker_pids) == sorted(other.taker_pids)
+            and sorted(self.holder_pids) == sorted(other.holder_pids)
+        )
+
+
+def _look(path: Path, key: FileKey, record: RecordRead, probe: Probe, links: int) -> _Look:
+    """Judge ``record`` against what ``probe`` sees of the lock ``key`` (one look)."""
     waiter_pids = [lock.pid for lock in probe.table.waiters(key)]
     taker_pids = [lock.pid for lock in probe.table.holders(key)]
     held = bool(taker_pids or waiter_pids)
@@ -342,18 +366,130 @@ def judge(
     pids = verdict.holder_pids
     if pids is None:
         pids = probe.files.holders(key, taker_pids, waiter_pids) if held else []
+    return _Look(record, record_at, verdict, taker_pids, waiter_pids, pids, probe, key)
+
+
+#: At most this many looks are taken at a lock whose verdict needs confirming.
+LOOKS = 5
+#: The verdicts a lock changing hands can fake, so they are confirmed by a second look:
+#: a record read during a hold and a table read after it "stale"; a table read during
+#: a hold and a record read after it (blanked) "unknown".
+_TO_CONFIRM = frozenset(
+    {HolderState.STALE_RECORD, HolderState.UNKNOWN_HOLDER, HolderState.ORPHANED}
+)
+
+
+def _settle(path: Path, key: FileKey, look: _Look, links: int, before: RecordRead | None) -> _Look:
+    """Look again until the verdict is confirmed, or :data:`LOOKS` looks were taken.
+
+    ``STALE_RECORD`` stands when the record read before a table that shows
+    the lock free is byte for byte the record read after it: a dead holder's
+    record never changes, while a live holder blanks its record before each
+    release and writes a new one (a new ``acquired_at``) at each hold.
+    ``UNKNOWN_HOLDER`` and ``ORPHANED`` stand when two looks (table, then
+    record) agree. ``FREE`` and ``HELD`` need no confirming: each is true of
+    the moment it was seen. ``before`` is the record as read before
+    ``look``'s table, if it was.
+    """
+    previous: _Look | None = None
+    for count in range(1, LOOKS + 1):
+        state = look.verdict.state
+        if state not in _TO_CONFIRM or not (look.probe.live and look.probe.table.available):
+            return look  # true when seen; or judged from the record alone: nothing to confirm
+        if state is HolderState.STALE_RECORD:
+            if before is not None and before.same_as(look.record):
+                return look
+        elif previous is not None and previous.agrees_with(look):
+            return look
+        if count == LOOKS:
+            break
+        previous, before = look, look.record
+        probe = look.probe.again(key)  # the table first, then the record
+        look = _look(path, key, read_record(path), probe, links)
+    return _unconfirmed(look)
+
+
+def _unconfirmed(look: _Look) -> _Look:
+    """The last of :data:`LOOKS` looks that never agreed: the lock changed hands during each.
+
+    A stale-looking record that changed between every two looks was being
+    written: it is not a dead holder's. When the last one names a live
+    process (which did not hold the lock), the lock was free when last
+    seen: ``FREE``, without that record (it describes no hold now), never
+    ``STALE_RECORD``. Otherwise the last look stands, saying so.
+    """
+    changing = f"the lock changed hands during each of {LOOKS} looks"
+    verdict, record = look.verdict, look.record
+    owner = record.owner if record.status is RecordStatus.VALID else None
+    if (
+        verdict.state is HolderState.STALE_RECORD
+        and owner is not None
+        and look.probe.identity(owner["pid"], owner["create_time"]) == "alive"
+    ):
+        look.verdict = _Verdict(
+            HolderState.FREE,
+            f"{changing}: its owner record was rewritten each time, last naming pid "
+            f"{owner['pid']} (alive), and no process held the lock when last seen",
+            holder_pids=[],
+        )
+        look.record = RecordRead(RecordStatus.EMPTY, uid=record.uid)
+        look.holder_pids = []
+        return look
+    note = "; ".join(filter(None, (verdict.note, f"{changing}; this is the last")))
+    look.verdict = replace(verdict, note=note)
+    return look
+
+
+def judge(
+    path: Path,
+    key: FileKey | None,
+    record: RecordRead,
+    probe: Probe,
+    *,
+    links: int = 1,
+    lock_file_type: str = "",
+    note: str = "",
+    before: RecordRead | None = None,
+) -> Diagnosis:
+    """Diagnose the lock file ``path`` (identity ``key``, ``None`` if absent) given its record.
+
+    ``links`` is the lock file's link count: with more than one name, a
+    record is also looked for beside its other names. ``lock_file_type`` says
+    what sits at ``path`` if it is not a regular file. ``before`` is the
+    record as read before ``probe``'s table was, if it was: it can confirm
+    a ``STALE_RECORD`` without a second look (see :func:`_settle`).
+    """
+    base: dict[str, Any] = {
+        "path": path,
+        "kernel_visible": probe.table.available,
+        "lock_file_type": lock_file_type,
+    }
+    if key is None:
+        return Diagnosis(
+            state=HolderState.FREE,
+            note=note or "the lock file does not exist",
+            record_file_type=record.file_type,
+            diagnosed_at=probe.now,
+            **base,
+        )
+    if record.status is RecordStatus.MISSING and probe.table.available and key not in probe.table:
+        # The common case, cheap.
+        return Diagnosis(state=HolderState.FREE, note=note, diagnosed_at=probe.now, **base)
+    look = _settle(path, key, _look(path, key, record, probe, links), links, before)
+    record, verdict, seen = look.record, look.verdict, look.probe
     return Diagnosis(
         state=verdict.state,
         owner=record.owner,
         record_problem=record.problem,
         record_file_type=record.file_type,
-        record_user=probe.user(record.uid),
-        record_at=record_at,
-        record_host=remote_host(record, probe),
-        holders=probe.holders(pids),
-        waiters=probe.holders(waiter_pids),
-        lock_pids=tuple(dict.fromkeys(taker_pids)),
+        record_user=seen.user(record.uid),
+        record_at=look.record_at,
+        record_host=remote_host(record, seen),
+        holders=seen.holders(look.holder_pids),
+        waiters=seen.holders(look.waiter_pids),
+        lock_pids=tuple(dict.fromkeys(look.taker_pids)),
         shared=verdict.shared,
         note="; ".join(n for n in (note, verdict.note) if n),
+        diagnosed_at=seen.now,
         **base,
     )

@@ -73,7 +73,8 @@ class RecordRead:
     file (``"directory"``, ``"symlink"``, ``"FIFO"``, ``"socket"``,
     ``"device"``), else ``""``. ``torn`` says the bytes may be a write caught
     half done (not JSON, or a check that does not match): worth reading again.
-    ``uid`` is the record file's owner (``-1`` when it is not a regular file).
+    ``uid`` is the record file's owner (``-1`` when it is not a regular file);
+    ``data`` the bytes read (empty when none were).
     """
 
     status: RecordStatus
@@ -82,6 +83,22 @@ class RecordRead:
     file_type: str = ""
     torn: bool = False
     uid: int = -1
+    data: bytes = b""
+
+    def same_as(self, other: RecordRead) -> bool:
+        """Whether ``other`` read the very same thing: same kind of file, byte for byte.
+
+        A dead holder's record never changes; a live holder's is blanked
+        before each release and written anew (a new ``acquired_at``) at
+        each hold, so two reads alike across a look at the kernel's table
+        saw no hold begin or end in between.
+        """
+        return (self.status, self.file_type, self.problem, self.data) == (
+            other.status,
+            other.file_type,
+            other.problem,
+            other.data,
+        )
 
 
 def _check_matches(body: bytes, owner: dict[str, Any]) -> bool:
@@ -189,7 +206,7 @@ def _read_once(target: Path) -> RecordRead:  # noqa: PLR0911 - one return per ve
         os.close(fd)
     if len(data) > MAX_RECORD_BYTES:
         return RecordRead(RecordStatus.UNREADABLE, problem="too large")
-    return replace(parse_record(data), uid=st.st_uid)
+    return replace(parse_record(data), uid=st.st_uid, data=data)
 
 
 def read_record(lock_path: Path) -> RecordRead:
