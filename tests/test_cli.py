@@ -317,6 +317,7 @@ def _die_holding(pack: str) -> None:
     os._exit(0)  # no release: the kernel frees the lock, the record stays behind
 
 
+@pytest.mark.slow
 def test_prune_never_removes_the_record_of_a_holder_that_came_meanwhile(pack: Path) -> None:
     # Each round: a dead holder's record, then a prune racing a new holder
     # that rewrites the record in place (same file, same size). Whatever the
