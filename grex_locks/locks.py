@@ -105,6 +105,8 @@ class _FileLock:
         ``TypeError``) raises :class:`LockCancelled` promptly, even while
         another process holds the lock.
         """
+        if timeout is None and cancel is None:
+            return self._take(wait=self._waits)  # the common call: nothing to check
         return self._take(
             wait=self._waits, deadline=_deadline(timeout), cancel=_checked_cancel(cancel)
         )
@@ -269,12 +271,16 @@ class ManifestLock(_FileLock):
 
     def read(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Hold the lock shared (no owner record) until the returned context exits."""
+        if timeout is None and cancel is None:
+            return self._take(shared=True, wait=True)
         return self._take(
             shared=True, wait=True, deadline=_deadline(timeout), cancel=_checked_cancel(cancel)
         )
 
     def write(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Hold the lock exclusively until the returned context exits."""
+        if timeout is None and cancel is None:
+            return self._take(wait=True)
         return self.acquire(timeout=timeout, cancel=cancel)
 
 
