@@ -151,6 +151,7 @@ class RecordFile:
         "_path_name",
         "_prepared_for",
         "_problem",
+        "_seen_ctime",
         "_written",
         "path",
     )
@@ -161,6 +162,8 @@ class RecordFile:
         self._fd: int | None = None
         #: ``(st_dev, st_ino)`` of the file behind ``_fd``.
         self._inode = (0, 0)
+        #: The file's ctime when it was last seen at the record path (see _descriptor_in_place).
+        self._seen_ctime = 0
         self._path_name = os.fspath(self.path)
         #: The file's first page, mapped (see :mod:`.mapped_record`), or None: pwrite.
         self._map: mmap.mmap | None = None
@@ -247,7 +250,18 @@ class RecordFile:
             # a rename over it (another holder replacing it) or an unlink
             # leaves our descriptor on a file that readers never see, and
             # may leave it on a stray hard link elsewhere with one link.
-            # One lstat tells both (and is all the fstat this would need).
+            # Every such change (and a chmod) sets our file's ctime, while
+            # stores into its mapped page (almost never) do: so an fstat
+            # showing the ctime last seen at the record path, and one link,
+            # is enough; anything else asks the path itself (lstat).
+            if self._map is not None:
+                st = os.fstat(fd)
+                if (
+                    st.st_ctime_ns == self._seen_ctime
+                    and st.st_nlink == 1
+                    and st.st_size <= MAX_RECORD_BYTES
+                ):
+                    return fd, st.st_size
             try:
                 st = os.lstat(self._path_name)
             except FileNotFoundError:
@@ -259,6 +273,7 @@ class RecordFile:
                     and st.st_nlink == 1
                     and st.st_size <= MAX_RECORD_BYTES
                 ):
+                    self._seen_ctime = st.st_ctime_ns
                     if st.st_mode & _WRITABLE_BY_OTHERS and self._map is not None:
                         # Made writable by others since it was mapped (its
                         # creator widens a new file's mode to the
@@ -281,6 +296,7 @@ class RecordFile:
         st = os.fstat(fd)
         self._fd = fd
         self._inode = (st.st_dev, st.st_ino)
+        self._seen_ctime = st.st_ctime_ns
         return fd, st.st_size
 
     def blank(self) -> None:
