@@ -70,6 +70,14 @@ def _assert_same(copy: LockError, error: LockError) -> None:
         assert isinstance(copy.requested, Tier)
 
 
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``, also on Python 3.10 (which reads ``__notes__`` the same way)."""
+    notes = getattr(error, "__notes__", None)
+    if notes is None:
+        notes = error.__notes__ = []
+    notes.append(note)
+
+
 def test_the_tree() -> None:
     assert issubclass(LockError, Exception)
     assert issubclass(LockBusy, LockError)
@@ -273,7 +281,7 @@ def test_a_chain_of_causes_pickles_whole() -> None:
 
 def test_notes_and_attributes_set_later_travel_too() -> None:
     error = LockBusy(LOCK_FILE)
-    error.add_note("while syncing pack alpha")
+    add_note(error, "while syncing pack alpha")
     copy = _round_trip(error)
     assert copy.__notes__ == ["while syncing pack alpha"]
 
@@ -324,7 +332,7 @@ def test_scheduler_refusals_pickle_with_cause_and_notes(read_first: bool) -> Non
         if read_first:
             str(refusal)
         error = _raised_from(refusal, _os_error())
-        error.add_note("while running pack alpha")
+        add_note(error, "while running pack alpha")
         copy = _round_trip(error)
         _assert_same(copy, error)
         _assert_same_os_error(copy.__cause__, _os_error())
