@@ -717,6 +717,30 @@ def grex_log() -> Iterator[list[Any]]:
     logger.disable("grex_locks")
 
 
+@pytest.mark.parametrize("store", ["mapped", "pwrite"])
+def test_overwriting_a_dead_holders_record_is_logged(
+    tmp_path: Path, grex_log: list[Any], store: str
+) -> None:
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    if store == "pwrite":
+        pack.chmod(0o775)  # a group-shared directory: records others may write are never mapped
+    lock = PackLock(pack)
+    for _ in range(2):
+        with lock:  # the record file exists, cleared, and is this object's
+            pass
+    assert not [r for r in grex_log if "stale" in r["message"]], "a cleared record is no record"
+    with PipedChild("spawn", hold_until_told, PackLock(pack)) as dead:
+        dead.expect(("held", dead.pid))
+        dead.kill()  # holding: its record stays
+    with lock:
+        assert holder_record(lock.path)["pid"] == os.getpid()
+    stale = [r for r in grex_log if "stale owner record" in r["message"]]
+    assert len(stale) == 1, [r["message"] for r in grex_log]
+    assert f"pid {dead.pid}" in stale[0]["message"]
+    assert stale[0]["level"].name == "INFO"
+
+
 @pytest.mark.timeout(HOLD_BACKSTOP + 20)
 def test_tier_violation_raises_before_any_waiting(pack: Path, tmp_path: Path) -> None:
     contested = PackLock(pack)

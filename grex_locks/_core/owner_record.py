@@ -61,6 +61,7 @@ _OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _WRITE_ONLY_FLAGS = (_OPEN_FLAGS & ~os.O_RDWR) | os.O_WRONLY
 _counter = itertools.count()
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+_SPACE = ord(" ")
 
 
 def record_path(lock_path: Path) -> Path:
@@ -221,8 +222,12 @@ class RecordFile:
             self._written = len(data)
             mapping = self._map
             if mapping is not None and len(mapping) == len(data) == size:
+                if mapping[0] != _SPACE:  # cleared records start with a space
+                    _log_stale(self.path, mapping[:size])
                 mapping[:] = data
             else:
+                if size:
+                    _log_if_stale(self.path, fd, size)
                 os.pwrite(fd, data, 0)
                 if len(data) != self._map_tried:  # the file's size now
                     self._remap(fd, len(data))
@@ -409,6 +414,32 @@ class RecordFile:
                 reason,
                 self.path,
             )
+
+
+def _log_if_stale(path: Path, fd: int, size: int) -> None:
+    """Log the record in ``fd`` (``size`` bytes) about to be overwritten, unless cleared."""
+    try:
+        old = os.pread(fd, size, 0)
+    except OSError:
+        return  # opened write-only (another user's file we may write, not read)
+    if old[:1] != b" ":
+        _log_stale(path, old)
+
+
+def _log_stale(path: Path, old: bytes) -> None:
+    """Log that a record nobody cleared (its holder died holding the lock) is overwritten.
+
+    We hold the lock, so whatever record sits in the file was left by a holder
+    that never released it. Only when it says something: an empty file or a
+    cleared one is no record.
+    """
+    if not old.strip():
+        return
+    try:
+        pid = json.loads(old)["pid"]
+    except (ValueError, TypeError, KeyError):
+        pid = "unknown (not a readable record)"
+    logger.info("overwriting a stale owner record {} (left by pid {})", path, pid)
 
 
 def _open_for_writing(path: Path) -> int:
