@@ -872,6 +872,36 @@ def _floor_handoff(b: Bench, loops: Callable[[int], int], per_us: float) -> None
     )
 
 
+def _span(values: Sequence[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}"
+
+
+def _each_us(rate: float) -> str:
+    return f"{1e6 / rate:.2f}" if rate else "-"
+
+
+def _same_run_row(
+    scenario: str,
+    key: str,
+    rate: float,
+    each: Sequence[float],
+    floor: float,
+    *,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """Another scenario's rate (cycles/s) for ``key``, as a row beside a floors table."""
+    return [
+        f"same run, {scenario} scenario: {label(key)}",
+        "",
+        "",
+        f"{rate:,.0f}",
+        _span(each),
+        _each_us(rate),
+        *extra,
+        ratio(rate, floor),
+    ]
+
+
 def floors(b: Bench) -> None:
     """The physical floors under issue 11's two missed throughput targets, same run.
 
@@ -941,12 +971,7 @@ def floors(b: Bench) -> None:
     _floor_handoff(b, loops, per_us)
     again = float(b.workers(n).call(0, "spin_rate", iterations, tries)["per_us"])
 
-    def span(values: Sequence[float]) -> str:
-        return f"{min(values):,.0f}-{max(values):,.0f}"
-
-    def each_us(rate: float) -> str:
-        return f"{1e6 / rate:.2f}" if rate else "-"
-
+    span, each_us = _span, _each_us
     drift = abs(again / per_us - 1) > 0.2
     rate = {v: median(values) for v, values in handoffs.items()}
     floor0 = rate["after", 0]
@@ -978,17 +1003,7 @@ def floors(b: Bench) -> None:
             got = threads_sec.data.get(key)
             if got is None:
                 continue
-            th.rows.append(
-                [
-                    f"same run, threads scenario: {label(key)}",
-                    "",
-                    "",
-                    f"{got['cycles_per_s']:,.0f}",
-                    span(got["each"]),
-                    each_us(got["cycles_per_s"]),
-                    ratio(got["cycles_per_s"], floor0),
-                ]
-            )
+            th.rows.append(_same_run_row("threads", key, got["cycles_per_s"], got["each"], floor0))
         th.notes.append(
             "the threads scenario's rows are cycles/s of acquire + counter increment (pread + "
             "pwrite) + release, each of its 4 threads with its own lock object on one path"
@@ -1040,19 +1055,9 @@ def floors(b: Bench) -> None:
             got = contention_sec.data.get(f"{key}@{n}")
             if got is None:
                 continue
-            pr.rows.append(
-                [
-                    f"same run, contention scenario: {label(key)}",
-                    "",
-                    "",
-                    f"{got['cycles_per_s']:,.0f}",
-                    span(got["cycles_per_s_each"]),
-                    each_us(got["cycles_per_s"]),
-                    "",
-                    got["min_max"],
-                    ratio(got["cycles_per_s"], gap0),
-                ]
-            )
+            cycles, each = got["cycles_per_s"], got["cycles_per_s_each"]
+            extra = ["", got["min_max"]]
+            pr.rows.append(_same_run_row("contention", key, cycles, each, gap0, extra=extra))
         pr.notes.append(
             "the contention scenario's rows hold the lock across a counter increment (pread + "
             "pwrite) and take the clock every cycle; the floor loop holds it for a byte's read"
