@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 from ._core.tiers import enter_tier
 from ._core.undo import Undo, UndoHandle, held_until_released
-from ._core.waiting import CancelEvent
-from .locks import _checked_cancel, _deadline, _describe, _FileLock
+from ._core.waiting import CancelEvent, deadline_after
+from .locks import _checked_cancel, _describe, _FileLock
 
 _ACCEPTED = "PackLock, WorkspaceLock, BackendLock or ManifestLock objects"
 
@@ -53,7 +53,7 @@ def acquire_all(
     if len(tiers) > 1:
         names = ", ".join(sorted(tier.name for tier in tiers))
         raise ValueError(f"acquire_all takes locks of one tier, got {names}")
-    deadline = _deadline(timeout)
+    deadline = deadline_after(timeout)
     ordered = [unique[key] for key in sorted(unique)]
     for lock in ordered:
         lock._core.refuse_reentry()

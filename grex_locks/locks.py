@@ -108,7 +108,7 @@ class _FileLock:
         if timeout is None and cancel is None:
             return self._take(wait=self._waits)  # the common call: nothing to check
         return self._take(
-            wait=self._waits, deadline=_deadline(timeout), cancel=_checked_cancel(cancel)
+            wait=self._waits, deadline=deadline_after(timeout), cancel=_checked_cancel(cancel)
         )
 
     def try_acquire(self) -> Hold:
@@ -222,7 +222,7 @@ class WorkspaceLock(_FileLock):
     def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
         """Take the workspace lock now or raise :class:`WorkspaceBusy`."""
         # Both ignored, but a negative timeout or a cancel that is no event is still an error.
-        _deadline(timeout)
+        deadline_after(timeout)
         _checked_cancel(cancel)
         return self._take(wait=False)
 
@@ -274,7 +274,7 @@ class ManifestLock(_FileLock):
         if timeout is None and cancel is None:
             return self._take(shared=True, wait=True)
         return self._take(
-            shared=True, wait=True, deadline=_deadline(timeout), cancel=_checked_cancel(cancel)
+            shared=True, wait=True, deadline=deadline_after(timeout), cancel=_checked_cancel(cancel)
         )
 
     def write(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Hold:
@@ -291,18 +291,6 @@ def _absolute(target: StrPath, kind: str) -> Path:
     if not isinstance(target, (str, os.PathLike)):
         raise TypeError(f"{kind} needs a path (str or os.PathLike), not {target!r}")
     return Path(target).absolute()
-
-
-def _deadline(timeout: float | None) -> float | None:
-    """The deadline of a public ``timeout``; ``inf`` (or longer than a thread can wait) is none.
-
-    ``None`` and ``math.inf`` both wait as long as it takes; a negative,
-    NaN or non-numeric timeout is a ``ValueError``.
-    """
-    deadline = deadline_after(timeout)
-    if timeout is not None and timeout >= threading.TIMEOUT_MAX:
-        return None
-    return deadline
 
 
 def _checked_cancel(cancel: CancelEvent | None) -> CancelEvent | None:

@@ -53,10 +53,10 @@ from ._core.lock_file import FileKey, not_a_directory
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier, enter_tier
 from ._core.undo import Undo, UndoHandle, held_until_released
-from ._core.waiting import CancelEvent, is_cancelled, remaining, wait_for
+from ._core.waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
 from ._holder_errors import holder_of
 from .errors import LockBusy, LockCancelled, LockIOError, LockTimeout
-from .locks import _checked_cancel, _deadline
+from .locks import _checked_cancel
 
 if TYPE_CHECKING:
     from ._diagnostics.diagnosis import Diagnosis
@@ -70,10 +70,7 @@ _BOUND_FILE_MAX = 4096
 
 
 def _bound_io_error(path: Path, what: str, exc: OSError) -> LockIOError:
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        blocked = not_a_directory(path, "the slots directory")
-    else:
-        blocked = None
+    blocked = not_a_directory(path, exc, "the slots directory")
     if blocked is not None:
         reason = blocked
     elif exc.errno == errno.ELOOP:
@@ -488,7 +485,9 @@ class Scheduler:
 
     def acquire(self, *, timeout: float | None = None, cancel: CancelEvent | None = None) -> Permit:
         """Wait for a permit; raise :class:`LockTimeout` or :class:`LockCancelled` if none comes."""
-        return self._acquire(wait=True, deadline=_deadline(timeout), cancel=_checked_cancel(cancel))
+        return self._acquire(
+            wait=True, deadline=deadline_after(timeout), cancel=_checked_cancel(cancel)
+        )
 
     def try_acquire(self) -> Permit:
         """Take a permit if one is free now; raise :class:`LockBusy` otherwise."""

@@ -46,14 +46,22 @@ def _kind_of(mode: int) -> str:
     return "a file of another kind"
 
 
-def not_a_directory(path: Path, directory: str = "its directory") -> str | None:
-    """Why ``path``'s directory cannot be made: an ancestor that exists is not a directory.
+def not_a_directory(path: Path, exc: OSError, directory: str = "its directory") -> str | None:
+    """Why ``path``'s directory could not be made (``exc``): an ancestor that exists is a file.
 
     A sentence naming the nearest existing ancestor of ``path`` when that is
     not a directory (``its directory /ws/afile is a regular file, not a
     directory``; ``directory`` names ``path.parent`` for a person), or
-    ``None`` when it is one (or cannot be looked at).
+    ``None`` when ``exc`` is not what meeting a file gives (``EEXIST``, or
+    ``ENOTDIR`` below one), or the ancestor is a directory (or cannot be
+    looked at).
     """
+    if exc.errno not in (errno.EEXIST, errno.ENOTDIR):
+        return None
+    return _file_among_ancestors(path, directory)
+
+
+def _file_among_ancestors(path: Path, directory: str) -> str | None:
     for ancestor in path.parents:
         try:
             os.lstat(ancestor)
@@ -78,9 +86,8 @@ def not_a_directory(path: Path, directory: str = "its directory") -> str | None:
 
 
 def _refusal(path: Path, exc: OSError) -> LockIOError:
-    blocked = not_a_directory(path) if exc.errno in (errno.EEXIST, errno.ENOTDIR) else None
+    blocked = not_a_directory(path, exc)
     if blocked is not None:
-        # mkdir of the lock file's directory met a file: EEXIST, or ENOTDIR below one.
         reason = blocked
     elif exc.errno == errno.ELOOP:
         reason = "a symlink sits at the lock file's path and lock files are never followed"

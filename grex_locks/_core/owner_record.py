@@ -283,16 +283,10 @@ class RecordFile:
                         # Made writable by others since it was mapped (its
                         # creator widens a new file's mode to the
                         # directory's): they could empty it under a store.
-                        self._remap(fd, -1)
+                        self._drop_map()
                     return fd, st.st_size
-        if self._generation != generation.value:
-            # Inherited across a fork: that descriptor was closed in this
-            # child, and the mapping is the parent's to unmap.
-            self._fd = None
-            self._map = None
-            self._map_tried = 0
-            self._generation = generation.value
         self.close()
+        self._generation = generation.value
         fd = self._open_in_place()
         return None if fd is None else self._adopt(fd)
 
@@ -329,26 +323,28 @@ class RecordFile:
     def close(self) -> None:
         """Close the record's descriptor (a lock object being collected)."""
         fd, self._fd = self._fd, None
+        if self._generation != generation.value:
+            # Inherited across a fork: closed in this child already, and the
+            # mapping is the parent's to unmap.
+            self._map = None
+            self._map_tried = 0
+            return
+        self._drop_map()
+        if fd is not None:
+            lock_file.close(fd)
+
+    def _drop_map(self) -> None:
+        """Unmap the record; the next write through pwrite tries to map it again (where safe)."""
         mapping, self._map = self._map, None
         self._map_tried = 0
-        if self._generation == generation.value:
-            if mapping is not None:
-                unmap(mapping)
-            if fd is not None:
-                lock_file.close(fd)
-
-    def _remap(self, fd: int, size: int) -> None:
-        """Map the file anew after a write through ``fd`` left it ``size`` bytes long.
-
-        (``size`` -1: just drop the mapping; the next write that changes the
-        file's size tries again.)
-        """
-        mapping, self._map = self._map, None
         if mapping is not None:
             unmap(mapping)
+
+    def _remap(self, fd: int, size: int) -> None:
+        """Map the file anew after a write through ``fd`` left it ``size`` bytes long."""
+        self._drop_map()
         self._map_tried = size
-        if size >= 0:
-            self._map = map_record(fd, os.fstat(fd))
+        self._map = map_record(fd, os.fstat(fd))
 
     def _open_in_place(self) -> int | None:
         """The record file (created if missing), if we may overwrite it in place; else None."""

@@ -79,13 +79,19 @@ class CancelEvent(Protocol):
 
 
 def deadline_after(timeout: float | None) -> float | None:
-    """Turn a public ``timeout`` into a ``time.monotonic()`` deadline, once, at the edge."""
+    """Turn a public ``timeout`` into a ``time.monotonic()`` deadline, once, at the edge.
+
+    ``None`` and ``math.inf`` (or anything longer than a thread can wait)
+    mean no deadline; a negative, NaN or non-numeric timeout is a ``ValueError``.
+    """
     if timeout is None:
         return None
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or math.isnan(timeout):
         raise ValueError(f"timeout must be a number of seconds or None, not {timeout!r}")
     if timeout < 0:
         raise ValueError(f"timeout must not be negative, not {timeout!r}")
+    if timeout >= _thread.TIMEOUT_MAX:
+        return None
     return time.monotonic() + timeout
 
 
