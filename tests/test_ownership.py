@@ -325,3 +325,50 @@ def test_another_users_lock_file_in_a_sticky_directory_opens_under_protected_reg
         record = owner_record(lock_file)
         assert record is not None
         assert record["pid"] == os.getpid()
+
+
+_HOLD_WITH_HUGE_NAMES = """
+import sys, threading, grex_locks
+threading.current_thread().name = "t" * 100_000
+with grex_locks.PackLock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_huge_command_line_leaves_a_record_that_diagnostics_can_read(tmp_path: Path) -> None:
+    # Readers read at most 64 KiB of a record: a holder with a 1 MB command
+    # line (and a huge thread name) must still leave one they can use.
+    pack = tmp_path / "pack"
+    huge = ["x" * 50_000] * 20
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WITH_HUGE_NAMES, str(pack), *huge],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdin is not None
+        ready, _, _ = select.select([child.stdout], [], [], DEADLINE)
+        assert ready
+        assert child.stdout.readline() == "held\n"
+        lock_file = pack / grex_locks.PACK_LOCK_FILE_NAME
+        record_size = Path(f"{lock_file}{grex_locks.OWNER_SUFFIX}").stat().st_size
+        assert record_size < 16 * 1024
+        owner = owner_record(lock_file)
+        assert owner is not None
+        assert owner["pid"] == child.pid
+        assert owner["argv"][:2] == ["-c", str(pack)]
+        assert owner["argv"][-1].endswith("argument(s) cut short)")
+        assert owner["thread"] == "t" * 256
+        with open(f"/proc/{child.pid}/stat", "rb") as stat_file:
+            ticks = int(stat_file.read().rpartition(b")")[2].split()[19])
+        assert owner["start_ticks"] == ticks
+        assert grex_locks.diagnose(lock_file).state is HolderState.HELD
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait(DEADLINE) == 0
+    finally:
+        child.kill()
+        child.wait(DEADLINE)

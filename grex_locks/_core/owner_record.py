@@ -69,6 +69,44 @@ def record_path(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name + OWNER_SUFFIX)
 
 
+#: At most this much of ``sys.argv`` (encoded) goes into a record: a record
+#: must stay far below what readers read (64 KiB), whatever the command line.
+MAX_ARGV_BYTES = 8 * 1024
+#: A thread name longer than this is cut short in the record.
+MAX_THREAD_NAME = 256
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start in clock ticks after boot (Linux): exact, where ``create_time`` is not.
+
+    psutil's ``create_time`` adds the boot time, which the kernel reports in
+    whole seconds computed afresh on each read: two processes can see the
+    same start a second apart, so a pid reused within that second would look
+    like the same process. The ticks come straight from ``/proc/PID/stat``.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read().rpartition(b")")[2].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _record_argv(argv: list[str]) -> list[str]:
+    """``argv``, cut short (saying so) where its encoding would pass :data:`MAX_ARGV_BYTES`."""
+    kept: list[str] = []
+    size = 0
+    for i, arg in enumerate(argv):
+        encoded = len(json.dumps(arg)) + 1
+        if size + encoded > MAX_ARGV_BYTES:
+            room = (MAX_ARGV_BYTES - size) // 6  # json.dumps spends at most 6 bytes a character
+            kept.append(f"{arg[:room]}... ({len(argv) - i} argument(s) cut short)")
+            break
+        kept.append(arg)
+        size += encoded
+    return kept
+
+
 class _ProcessFacts:
     """The part of every record that is the same for the whole process, encoded once."""
 
@@ -77,15 +115,12 @@ class _ProcessFacts:
         # Raises OSError (out of descriptors, say) rather than cache a wrong
         # start time: every later record would carry it.
         create_time = psutil.Process(pid).create_time()
-        fixed = json.dumps(
-            {
-                "pid": pid,
-                "create_time": create_time,
-                "hostname": socket.gethostname(),
-                "argv": list(sys.argv),
-            },
-            separators=(",", ":"),
-        )
+        facts: dict[str, object] = {"pid": pid, "create_time": create_time}
+        ticks = _start_ticks(pid)
+        if ticks is not None:
+            facts["start_ticks"] = ticks
+        facts |= {"hostname": socket.gethostname(), "argv": _record_argv(list(sys.argv))}
+        fixed = json.dumps(facts, separators=(",", ":"))
         self.prefix = fixed[:-1]
         self.generation = generation.value
 
@@ -106,7 +141,8 @@ def _record_head(facts: _ProcessFacts, thread_name: str, tier: int) -> tuple[byt
     # Everything but the time, for one thread and tier, with its CRC so far:
     # encoding the same names on every acquire would cost as much as the
     # write that follows.
-    text = f'{facts.prefix},"thread":{json.dumps(thread_name)},"tier":{tier},"acquired_at":'
+    name = json.dumps(thread_name[:MAX_THREAD_NAME])
+    text = f'{facts.prefix},"thread":{name},"tier":{tier},"acquired_at":'
     head = text.encode()
     return head, zlib.crc32(head)
 
