@@ -10,6 +10,7 @@ of its tier.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 from ._core.tiers import enter_tier
@@ -53,6 +54,7 @@ def acquire_all(
     if len(tiers) > 1:
         names = ", ".join(sorted(tier.name for tier in tiers))
         raise ValueError(f"acquire_all takes locks of one tier, got {names}")
+    started = time.monotonic()
     deadline = deadline_after(timeout)
     ordered = [unique[key] for key in sorted(unique)]
     for lock in ordered:
@@ -63,7 +65,9 @@ def acquire_all(
             enter_tier(undo, ordered[0]._core.tier, ordered[0].path)
         for lock in ordered:
             undo.push(lock._core.release_if_held)
-            lock._take(wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True)
+            lock._take(
+                wait=lock._waits, deadline=deadline, cancel=cancel, tier_taken=True, started=started
+            )
         return HeldGroup(undo, ordered)
 
     return held_until_released(take_all)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from support import (
     must_wait,
     read_audit,
     try_in_child,
+    try_lock,
+    until,
     wait_until_blocked,
 )
 
@@ -324,3 +328,27 @@ def test_acquire_all_needs_a_collection_of_locks(tmp_path: Path, given: str) -> 
     assert "acquire_all" in str(caught.value)
     assert "list" in str(caught.value)
     assert not lock.held
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="needs util-linux flock(1)")
+def test_a_group_timeout_reports_the_whole_wait(tmp_path: Path) -> None:
+    # The first lock (in the group's order) is freed after a moment, the
+    # second never: the group waits for both, and its error's `waited` is the
+    # group's wait, at least the timeout, not just the wait for the second.
+    locks = sorted(
+        (PackLock(tmp_path / name) for name in ("one", "two")),
+        key=lambda lock: (os.stat(lock.path).st_dev, os.stat(lock.path).st_ino),
+    )
+    first, second = locks
+    forever = subprocess.Popen(["flock", str(second.path), "sleep", "60"])
+    briefly = subprocess.Popen(["flock", str(first.path), "sleep", "0.4"])
+    try:
+        until(lambda: try_lock(first) == try_lock(second) == "LockBusy", "both held")
+        with pytest.raises(LockTimeout) as caught:
+            acquire_all([second, first], timeout=1.0)
+        assert caught.value.waited >= 1.0
+        assert caught.value.path == second.path
+    finally:
+        for child in (forever, briefly):
+            child.kill()
+            child.wait(DEADLINE)
