@@ -9,7 +9,10 @@ same description of the holder.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ._core import slow_waits
@@ -19,13 +22,60 @@ from ._diagnostics.diagnose import diagnose, diagnose_busy
 from ._diagnostics.diagnosis import Diagnosis
 from .errors import LockBusy, LockCancelled, LockTimeout
 
+#: How long a refused thread waits for a diagnosis another thread is making
+#: of the same lock file, before it gives up on naming the holder.
+_SHARED_DIAGNOSIS_WAIT = 1.0
+
+
+class _Diagnosing:
+    """A diagnosis of one lock file in progress in this process, for others to share."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Diagnosis | None = None
+
+
+_in_progress_mutex = threading.Lock()
+_in_progress: dict[FileKey, _Diagnosing] = {}
+
+
+def _renew_in_progress() -> None:
+    global _in_progress_mutex  # noqa: PLW0603 - a parent thread may have held it at the fork
+    _in_progress_mutex = threading.Lock()
+    _in_progress.clear()
+
+
+os.register_at_fork(after_in_child=_renew_in_progress)
+
 
 def holder_of(path: Path, key: FileKey) -> Diagnosis | None:
-    """Best-effort diagnosis for an error message; an error must not fail to build."""
+    """Best-effort diagnosis for an error message; an error must not fail to build.
+
+    Threads refused the same lock at once (forty waiters whose timeouts
+    end together) share one diagnosis, begun by the first of them, instead
+    of making forty in a row under the interpreter lock: the last would
+    return long after its deadline. The shared one is as recent as the
+    refusal.
+    """
+    with _in_progress_mutex:
+        diagnosing = _in_progress.get(key)
+        first = diagnosing is None
+        if diagnosing is None:
+            diagnosing = _in_progress[key] = _Diagnosing()
+    if not first:
+        diagnosing.done.wait(_SHARED_DIAGNOSIS_WAIT)
+        return diagnosing.result
     try:
-        return diagnose_busy(path, key)
+        diagnosing.result = diagnose_busy(path, key)
     except Exception:  # noqa: BLE001 - a diagnosis is a courtesy, never a second failure
-        return None
+        diagnosing.result = None
+    finally:
+        with _in_progress_mutex:
+            _in_progress.pop(key, None)
+        diagnosing.done.set()
+    return diagnosing.result
 
 
 def refusal(
@@ -35,22 +85,25 @@ def refusal(
     wait: bool,
     started: float,
     cancel: CancelEvent | None,
-    holder: Diagnosis | None,
+    holder: Callable[[], Diagnosis | None],
     busy_error: type[LockBusy] = LockBusy,
 ) -> LockBusy | LockTimeout | LockCancelled:
     """The error for an acquire of ``what`` that was not granted: busy, cancelled or timed out.
 
-    ``what`` names the lock for a person ("pack lock /ws/a/.grex-lock").
+    ``what`` names the lock for a person ("pack lock /ws/a/.grex-lock");
+    ``holder`` diagnoses its holder, called only for an error that names one
+    (a cancelled wait does not, and returns without the cost).
     """
     waited = time.monotonic() - started
     if wait and is_cancelled(cancel):
         return LockCancelled(path, f"waiting for {what} was cancelled after {waited:.3f} s")
-    summary = holder.holder_summary() if holder is not None else ""
+    diagnosis = holder()
+    summary = diagnosis.holder_summary() if diagnosis is not None else ""
     clause = f": {summary}" if summary else ""
     if not wait:
-        return busy_error(path, f"{what} is busy{clause}", holder)
+        return busy_error(path, f"{what} is busy{clause}", diagnosis)
     return LockTimeout(
-        path, f"timed out after {waited:.3f} s waiting for {what}{clause}", holder, waited
+        path, f"timed out after {waited:.3f} s waiting for {what}{clause}", diagnosis, waited
     )
 
 

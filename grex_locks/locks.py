@@ -7,6 +7,7 @@ record, tier check, fork safety, pickling — is :class:`_FileLock`'s, once.
 
 from __future__ import annotations
 
+import functools
 import os
 import reprlib
 import threading
@@ -123,9 +124,15 @@ class _FileLock:
         deadline: float | None = None,
         cancel: CancelEvent | None = None,
         tier_taken: bool = False,
+        started: float | None = None,
     ) -> Hold:
-        """The one way every public acquire goes: the core's take, or an error naming the holder."""
-        started = time.monotonic()
+        """The one way every public acquire goes: the core's take, or an error naming the holder.
+
+        ``started`` is when the caller began waiting (``acquire_all``: for the
+        whole group), for the error's ``waited``; by default, now.
+        """
+        if started is None:
+            started = time.monotonic()
         core = self._core
         hold = core.take(
             shared=shared, wait=wait, deadline=deadline, cancel=cancel, tier_taken=tier_taken
@@ -138,7 +145,7 @@ class _FileLock:
             wait=wait,
             started=started,
             cancel=cancel,
-            holder=holder_of(core.path, core.key),
+            holder=functools.partial(holder_of, core.path, core.key),
             busy_error=core.busy_error,
         )
 

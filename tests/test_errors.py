@@ -12,9 +12,10 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import DEADLINE, HOLD_BACKSTOP, HeldInThread, PipedChild, hold_until_told
+from support import DEADLINE, HOLD_BACKSTOP, HeldInThread, PipedChild, hold_until_told, until
 
 from grex_locks import (
     BackendLock,
@@ -28,6 +29,7 @@ from grex_locks import (
     Tier,
     TierViolation,
     WorkspaceBusy,
+    _holder_errors,
 )
 
 LOCK_FILE = Path("/srv/packs/alpha/.grex-lock")
@@ -403,3 +405,71 @@ def test_a_failed_flock_is_a_lock_io_error_with_the_os_error_as_cause(tmp_path: 
         assert isinstance(cause, OSError), name
         assert cause.errno == errno.EBADF, name
         assert caught.value.path == path
+
+
+def _count_diagnoses(monkeypatch: pytest.MonkeyPatch, slow_until: Callable[[], bool]) -> list[Path]:
+    """Count the holder diagnoses refusals ask for; each waits for ``slow_until()`` (a slow one)."""
+    calls: list[Path] = []
+
+    def diagnose_busy(path: Path, key: object) -> None:
+        calls.append(path)
+        until(slow_until, "the other refusals to join the diagnosis in progress")
+
+    monkeypatch.setattr(_holder_errors, "diagnose_busy", diagnose_busy)
+    return calls
+
+
+def test_a_cancelled_wait_returns_without_diagnosing_the_holder(
+    held_elsewhere: tuple[PackLock, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LockCancelled names no holder: a diagnosis (slow on a machine with
+    # thousands of processes) would only delay the return the caller asked for.
+    lock, _ = held_elsewhere
+    calls = _count_diagnoses(monkeypatch, lambda: True)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(LockCancelled):
+        lock.acquire(cancel=cancel)
+    with pytest.raises(LockBusy):
+        lock.try_acquire()
+    assert calls == [lock.path]
+
+
+def test_threads_refused_together_share_one_diagnosis(
+    held_elsewhere: tuple[PackLock, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Forty waiters timing out together must not diagnose forty times in a
+    # row (the last would return long after its deadline).
+    lock, _ = held_elsewhere
+    n = 8
+    joined: list[int] = []
+
+    class CountedEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            joined.append(1)
+            return super().wait(timeout)
+
+    def counted(self: Any) -> None:
+        self.done = CountedEvent()
+        self.result = None
+
+    monkeypatch.setattr(_holder_errors._Diagnosing, "__init__", counted)
+
+    calls = _count_diagnoses(monkeypatch, lambda: len(joined) == n - 1)
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def wait_briefly() -> None:
+        start.wait(DEADLINE)
+        try:
+            PackLock(lock.path.parent).acquire(timeout=0.05)
+        except LockTimeout as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wait_briefly) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert len(errors) == n
+    assert len(calls) == 1
