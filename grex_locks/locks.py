@@ -74,8 +74,10 @@ class _FileLock:
 
     def __init__(self, target: StrPath) -> None:
         self._target = _absolute(target, type(self).__name__)
-        #: The hold each thread's ``with`` block took, for its exit to release.
-        self._entered: dict[int, Hold] = {}
+        #: The holds each thread's ``with`` blocks took, innermost last, for their
+        #: exits to release. A stack: a forked child may enter a block of its own
+        #: inside one it inherited from its parent (same thread ident).
+        self._entered: dict[int, list[Hold]] = {}
         self._core = LockCore(
             self._lock_file(self._target),
             tier=self._tier,
@@ -177,17 +179,22 @@ class _FileLock:
         return hold.fd
 
     def __enter__(self) -> _FileLock:
-        self._entered[threading.get_ident()] = self._take(wait=self._waits)
+        hold = self._take(wait=self._waits)
+        self._entered.setdefault(threading.get_ident(), []).append(hold)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        hold = self._entered.pop(threading.get_ident(), None)
-        if hold is None:
+        me = threading.get_ident()
+        entered = self._entered.get(me)
+        if not entered:
             self.release()
-        else:
-            # A `with` entered before a fork and left in the child releases
-            # nothing: Hold.release knows an inherited hold.
-            hold.release()
+            return
+        hold = entered.pop()
+        if not entered:
+            del self._entered[me]
+        # A `with` entered before a fork and left in the child releases
+        # nothing: Hold.release knows an inherited hold.
+        hold.release()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A lock travels as its constructor argument, never as a held lock.

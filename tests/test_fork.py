@@ -136,6 +136,42 @@ def test_child_forked_while_held_does_not_hold_and_cannot_release(pack: Path) ->
     child_end.close()
 
 
+def test_a_child_may_nest_its_own_with_inside_one_it_inherited(pack: Path) -> None:
+    # The parent leaves its block and lets go; the child, still inside the
+    # block it inherited, takes the lock in a block of its own, then leaves
+    # both. Leaving the inherited block must raise nothing and touch nothing.
+    lock = PackLock(pack)
+    test_end, child_end = channel_pair()
+    pid = -1
+    try:
+        with lock:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                child_end.expect("free now")
+                with lock:
+                    child_end.send(f"inner held {lock.held}")
+                    child_end.expect("checked")
+    except BaseException:
+        if pid == 0:  # pragma: no cover - runs in the child
+            with contextlib.suppress(OSError):
+                child_end.send("error " + json.dumps(traceback.format_exc()))
+            os._exit(1)
+        raise
+    if pid == 0:  # pragma: no cover - runs in the child
+        child_end.send(f"outer left {lock.held}")
+        os._exit(0)
+    test_end.send("free now")
+    test_end.expect("inner held True")
+    assert try_in_child(lock) == "LockBusy"
+    assert holder_record(lock.path)["pid"] == pid
+    test_end.send("checked")
+    test_end.expect("outer left False")
+    assert wait_for_exit(pid) == 0
+    assert try_in_child(lock) == "acquired"
+    test_end.close()
+    child_end.close()
+
+
 def _take_inherited_when_told(channel: Channel, *locks: PackLock) -> None:
     """In a forked child: when told, take each inherited lock object in turn."""
     channel.send("alive")
