@@ -154,6 +154,9 @@ class LockTimeout(LockError, TimeoutError):
 class LockCancelled(LockError):
     """The ``cancel=`` event was set before the lock was granted."""
 
+    def __init__(self, path: Path | str | None, message: str = "") -> None:
+        super().__init__(path, message or f"waiting for lock {path} was cancelled")
+
 
 class TierViolation(LockError):
     """A thread asked for a tier at or below one it already holds.

@@ -113,6 +113,11 @@ def test_constructed_fields() -> None:
     assert "BACKEND" in str(violation)
     assert "PER_PACK" in str(violation)
     assert LockBusy(LOCK_FILE).holder is None
+    # Built by hand, each still says what happened, not just "lock error".
+    assert str(LockCancelled(LOCK_FILE)) == f"waiting for lock {LOCK_FILE} was cancelled"
+    assert "busy" in str(LockBusy(LOCK_FILE))
+    assert "timed out" in str(LockTimeout(LOCK_FILE))
+    assert "cannot use" in str(LockIOError(LOCK_FILE))
 
 
 @pytest.fixture
