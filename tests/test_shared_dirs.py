@@ -53,8 +53,12 @@ def user_server() -> None:
                     holds[path] = PackLock(path).acquire(timeout=DEADLINE)
                 else:
                     holds[path] = ManifestLock(path).write(timeout=DEADLINE)
+            elif op == "permit":
+                holds[path] = grex_locks.Scheduler(2, slots_dir=path).acquire(timeout=DEADLINE)
             elif op == "release":
                 holds.pop(path).release()
+            elif op == "umask":
+                os.umask(command["mask"])
             elif op == "symlink":
                 os.symlink(command["target"], path)
             elif op == "link":
@@ -302,6 +306,33 @@ def test_each_user_takes_the_lock_after_another_user(
             hold_and_check(server, kind, target, lock_file)
     # Whoever left it, the record file is still a plain file at its path.
     assert record_file(lock_file).is_file()
+
+
+@pytest.mark.parametrize("kind", ["pack", "manifest", "slots"])
+@pytest.mark.parametrize("sharing", ["sticky", "group"])
+def test_a_creator_with_umask_077_does_not_lock_other_users_out(
+    base: Path, users: dict[str, UserServer], sharing: str, kind: str
+) -> None:
+    # The first user to take a lock creates its file; with umask 077 it would
+    # be theirs alone (0600), and nobody else could even open it to lock.
+    workspace = shared_dir(base, sharing)
+    creator, other = users["nobody"], users["other"]
+    creator.do({"op": "umask", "mask": 0o077})
+    try:
+        if kind == "slots":
+            slots = workspace / "slots"
+            slots.mkdir()
+            os.chown(slots, 0, os.stat(workspace).st_gid)
+            slots.chmod(os.stat(workspace).st_mode & 0o7777)
+            for server in (creator, other):
+                server.do({"op": "permit", "path": str(slots)})
+                server.do({"op": "release", "path": str(slots)})
+            return
+        target, lock_file = lock_file_of(kind, workspace)
+        hold_and_check(creator, kind, target, lock_file)
+        hold_and_check(other, kind, target, lock_file)
+    finally:
+        creator.do({"op": "umask", "mask": 0o022})
 
 
 # -- what may sit at the record path --------------------------------------------------------

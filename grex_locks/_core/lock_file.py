@@ -115,9 +115,28 @@ def _open_or_create(path: Path) -> int:
         except FileNotFoundError:
             pass
         try:
-            return os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue  # created by someone else just now: open theirs
+        _readable_by_all(fd)
+        return fd
+
+
+def _readable_by_all(fd: int) -> None:
+    """Make a lock file we just created readable by everyone, whatever our umask.
+
+    Whoever can open a lock file can take the lock (flock needs only read
+    access), and nobody can take it without: a creator with umask 077 would
+    otherwise lock every other user of a shared directory out for good. The
+    file is empty, so reading it tells nothing; write access stays as the
+    umask left it.
+    """
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o444 != 0o444:
+            os.fchmod(fd, mode | 0o444)
+    except OSError:
+        pass  # the lock works for its creator all the same
 
 
 def open_lock_file(path: Path, *, make_parents: bool = True) -> int:
