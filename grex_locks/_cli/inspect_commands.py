@@ -1,7 +1,6 @@
-"""The commands that only look: ``who``, ``scan`` and ``doctor``.
+"""The commands that only look: ``who`` and ``scan`` (``doctor`` is beside them).
 
-None of them takes a lock or changes a file, except ``doctor --prune``
-removing an owner record whose lock the kernel shows free at that moment.
+Neither takes a lock or changes a file.
 A lock or directory that cannot be looked at (permission denied) is shown as
 ``UNREADABLE`` with the error and path, never as free: ``who`` answers 1 for
 it (a state other than free), ``scan`` and ``doctor`` 2 (their answer is
@@ -14,18 +13,18 @@ import argparse
 import json
 import os
 import sys
-import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from grex_locks._core.owner_record import OWNER_SUFFIX, record_path
+from grex_locks._core.owner_record import OWNER_SUFFIX
 from grex_locks._diagnostics.diagnose import inspect, lock_path_of
 from grex_locks._diagnostics.diagnosis import Diagnosis, HolderState
 from grex_locks._diagnostics.judge import Probe
 from grex_locks._diagnostics.lock_names import is_lock_name
-from grex_locks._diagnostics.prune import prune_stale_record, stale_records
 from grex_locks._diagnostics.scan import ScanResult, diagnose_found, locks_in, scan
+
+from .display import COMMAND_CELLS, command_line, cut, paragraph, shell, table
 
 PROG = "grex-locks"
 _FREE_STATES = (HolderState.FREE, HolderState.STALE_RECORD)
@@ -71,15 +70,29 @@ def _status(diagnoses: Sequence[Diagnosis]) -> int:
 def _who_one(name: str, probe: Probe) -> tuple[list[Diagnosis], str]:
     """The diagnoses ``name`` asks for, and a remark when it names a directory without locks."""
     target = existing(name).absolute()
-    if target.name.endswith(OWNER_SUFFIX) and target.name != OWNER_SUFFIX:
+    is_dir = os.path.isdir(target)
+    # Only a file can be a record: a directory named X.owner is most likely a
+    # pack (say ``team.owner``), and looking at X instead would miss its lock.
+    if target.name.endswith(OWNER_SUFFIX) and target.name != OWNER_SUFFIX and not is_dir:
         target = target.with_name(target.name[: -len(OWNER_SUFFIX)])
-    elif os.path.isdir(target) and not is_lock_name(target.name):
+    elif is_dir and not is_lock_name(target.name):
         found, _ = locks_in(target)
         if not found:
-            return [], f"{target}: no grex lock files in this directory"
+            return [], f"{target}: no grex lock files in this directory{_blocking(target)}"
         diagnoses = [diagnose_found(f, probe) for f in found]
         return sorted(diagnoses, key=lambda d: str(d.path)), ""
     return [inspect(lock_path_of(target), probe)], ""
+
+
+def _blocking(directory: Path) -> str:
+    """A pointer to the lock whose record path ``directory`` blocks, if it is one."""
+    name = directory.name
+    if not name.endswith(OWNER_SUFFIX) or name == OWNER_SUFFIX:
+        return ""
+    lock = directory.with_name(name[: -len(OWNER_SUFFIX)])
+    if not os.path.isfile(lock):
+        return ""
+    return f"; it sits at the owner record path of {lock}: {shell('grex-locks', 'who', lock)}"
 
 
 def cmd_who(args: argparse.Namespace) -> int:
@@ -107,16 +120,7 @@ def cmd_who(args: argparse.Namespace) -> int:
     else:
         for d in diagnoses:
             print(f"{d.path}: {d.state.name}")
-            print(
-                textwrap.fill(
-                    d.explain(),
-                    width=100,
-                    initial_indent="  ",
-                    subsequent_indent="  ",
-                    break_long_words=False,
-                    break_on_hyphens=False,
-                )
-            )
+            print(paragraph(d.explain()))
     return 2 if failed else _status(diagnoses)
 
 
@@ -148,7 +152,10 @@ def _row(d: Diagnosis, root: Path) -> list[str]:
     else:
         pids = "-"
     age = d.held_for()
-    command = d.holders[0].command() if d.holders else d.recorded_command()
+    if d.holders:
+        command = command_line(d.holders[0].cmdline) or d.holders[0].command()
+    else:
+        command = command_line(d.owner.get("argv") if isinstance(d.owner, dict) else None)
     shown, prefix = str(d.path), f"{root}{os.sep}"
     if shown.startswith(prefix):
         shown = shown[len(prefix) :]
@@ -158,18 +165,9 @@ def _row(d: Diagnosis, root: Path) -> list[str]:
         pids,
         "-" if age is None else f"{age:.1f}s",
         str(len(d.waiters)) if d.waiters else "-",
-        command or "-",
+        cut(command, COMMAND_CELLS) or "-",
         f"{shown}  [{remark}]" if remark else shown,
     ]
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]))
-    return "\n".join(lines)
 
 
 def scan_root(root: str) -> ScanResult:
@@ -180,7 +178,8 @@ def scan_root(root: str) -> ScanResult:
         raise UserError(str(exc)) from None
 
 
-def _count(n: int, what: str) -> str:
+def count(n: int, what: str) -> str:
+    """``"1 lock"``, ``"2 locks"``."""
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
@@ -189,8 +188,8 @@ def summary_line(result: ScanResult, shown: int) -> str:
     counts = Counter(d.state for d in result)
     tally = ", ".join(f"{counts[state]} {state.name}" for state in HolderState if counts[state])
     unreadable = len(result.unreadable)
-    found = _count(len(result) - unreadable, "lock") + (
-        f" and {_count(unreadable, 'unreadable path')}" if unreadable else ""
+    found = count(len(result) - unreadable, "lock") + (
+        f" and {count(unreadable, 'unreadable path')}" if unreadable else ""
     )
     text = f"{found} under {result.root}" + (f": {tally}" if tally else "")
     hidden = len(result) - shown
@@ -199,7 +198,8 @@ def summary_line(result: ScanResult, shown: int) -> str:
     return text
 
 
-def _incomplete(result: ScanResult) -> None:
+def report_incomplete(result: ScanResult) -> None:
+    """Say on stderr that parts of the tree could not be read, if any could not."""
     unreadable = result.unreadable
     if unreadable:
         print(
@@ -219,7 +219,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         shown = [d for d in result if args.all or needs_attention(d)]
         if shown:
             header = ["STATE", "PID", "AGE", "WAITING", "COMMAND", "LOCK"]
-            print(_table([header, *(_row(d, root) for d in shown)]))
+            print(table([header, *(_row(d, root) for d in shown)]))
         print(summary_line(result, len(shown)))
     stream = sys.stderr if args.json else sys.stdout
     for cycle in result.cycles:
@@ -230,54 +230,5 @@ def cmd_scan(args: argparse.Namespace) -> int:
             "owner records alone",
             file=sys.stderr,
         )
-    _incomplete(result)
-    return 2 if result.unreadable else 0
-
-
-# -- doctor ---------------------------------------------------------------------
-
-
-def _by_hand(record: Path, file_type: str) -> str:
-    if file_type == "directory":
-        return f"remove it by hand with `rmdir {record}` (once it is empty)"
-    extra = ", not what it points to" if file_type == "symlink" else ""
-    return f"remove it by hand with `rm {record}` (that removes the {file_type} itself{extra})"
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    """List owner records left behind by dead holders; with --prune, remove the verifiably stale.
-
-    Only regular-file records are ever removed; anything else at a record
-    path (a directory, a symlink, a FIFO) is listed with what to do by hand.
-    """
-    result = scan_root(args.root)
-    stale = stale_records(result)
-    blocked = [
-        d
-        for d in result
-        if d.record_file_type == "directory" and d.state is not HolderState.STALE_RECORD
-    ]
-    if not stale and not blocked:
-        print(f"no stale owner records under {result.root or args.root}")
-    for d in stale:
-        record = record_path(d.path)
-        if d.record_file_type:
-            print(f"stale: {record}: a {d.record_file_type}, not a record")
-            print(
-                f"  kept: doctor removes only regular-file records; "
-                f"{_by_hand(record, d.record_file_type)}"
-            )
-            continue
-        pid = d.owner.get("pid") if d.owner else "?"
-        why = f"unreadable ({d.record_problem})" if d.record_problem else f"left by pid {pid}"
-        print(f"stale: {record}: {why}")
-        if args.prune:
-            outcome = prune_stale_record(d)
-            verb = "removed" if outcome.removed else "kept"
-            print(f"  {verb}: {outcome.reason}")
-    for d in blocked:
-        record = record_path(d.path)
-        print(f"blocked: {record}: a directory, so holders of {d.path} cannot record themselves")
-        print(f"  kept: doctor removes only regular-file records; {_by_hand(record, 'directory')}")
-    _incomplete(result)
+    report_incomplete(result)
     return 2 if result.unreadable else 0

@@ -3,9 +3,10 @@
 Exit codes follow ``docs/cli.md``: ``who`` answers 0 when every lock is free (or
 only a stale record is left), 1 when any is in another state (held, or
 ``UNREADABLE``), 2 on a usage error or a missing path; ``scan`` and
-``doctor`` 0, or 2 on error (a missing ROOT, or parts that could not be
-read); ``run`` passes on its command's status. User errors print one line on
-stderr, never a traceback. Logging stays off unless ``-v`` is given (before
+``doctor`` 0, or 2 on error (a missing ROOT, parts that could not be
+read, or a stale record ``--prune`` could not remove); ``run`` passes on
+its command's status. User errors print one line on stderr, never a
+traceback. Logging stays off unless ``-v`` is given (before
 or after the command).
 """
 
@@ -22,7 +23,8 @@ from grex_locks._version import __version__
 from grex_locks.errors import LockBusy, LockError, LockTimeout
 from grex_locks.locks import PackLock
 
-from .inspect_commands import PROG, UserError, cmd_doctor, cmd_scan, cmd_who, error, existing
+from .doctor_command import cmd_doctor
+from .inspect_commands import PROG, UserError, cmd_scan, cmd_who, error, existing
 from .run_command import run_holding
 
 # -- run ------------------------------------------------------------------------
@@ -105,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     who = command(
         "who",
         "diagnose locks: who holds them, since when, is it safe to wait",
-        "Diagnose each PATH: a lock file; an owner record X.owner (lock X); a "
-        "directory (every grex lock file directly in it: .grex-lock, .grex.sync.lock, "
-        ".grex.lock, *.grex-backend.lock, slot-<n>.lock, any file with a .owner beside it). "
+        "Diagnose each PATH: a lock file; an owner record X.owner (lock X; a directory "
+        "named X.owner is a directory); a directory (every grex lock file directly in it: "
+        ".grex-lock, .grex.sync.lock, .grex.lock, *.grex-backend.lock, slot-<n>.lock, "
+        "any file with a .owner beside it). "
         "Exit 0 if all are free or only stale, 1 if any is in another state (held, or "
         "UNREADABLE: permission denied), 2 on error (no such path).",
     )
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
             "List stale owner records under ROOT. With --prune, remove each one that is a "
             "regular file and whose lock the kernel shows free at that moment; anything "
             "else at a record path is listed with what to do by hand. Lock files are never "
-            "touched.",
+            "touched. Exit 0, or 2 on error (ROOT missing, parts of it unreadable, or a "
+            "stale record that could not be removed).",
             "--prune",
             "remove verifiably stale records",
             cmd_doctor,
