@@ -4,20 +4,45 @@ The command gets the very descriptor whose open file description holds the
 flock, so the lock covers it even if ``grex-locks run`` itself is killed:
 the lock is freed only when the last process holding that description
 exits (or ``run`` releases it after the command ends).
+
+Signals sent to ``run`` are passed on to the command, except a Ctrl-C or
+Ctrl-\\ typed at the terminal: the terminal sends those to the whole
+foreground process group, the command included, and passing them on would
+deliver them twice. Which is which only the signal's ``siginfo`` tells
+(``si_code`` is ``SI_KERNEL`` for the terminal, ``SI_USER``/``SI_TKILL``/
+``SI_QUEUE`` for ``kill``, ``raise``, ``sigqueue``), and Python handlers do not
+see it, so the main thread blocks the signals and collects them with
+``sigwaitinfo`` while the command runs::
+
+    main thread:  block signals -> spawn CMD -> sigwaitinfo loop -> reap CMD
+                                       |            ^ SIGCHLD (thread-directed)
+    waiter:                            +-> waitid(CMD, WNOWAIT) --+
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
+import threading
+from collections.abc import Iterable
 from types import FrameType
+
+#: Signals sent to ``grex-locks run`` that are passed on to its command.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: Signals a terminal sends to its whole foreground process group (the command too).
+_TERMINAL_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
+#: ``si_code`` of a signal the kernel itself sent (a terminal's), ``<asm-generic/siginfo.h>``.
+_SI_KERNEL = 0x80
+_COLLECTED = frozenset({*FORWARDED_SIGNALS, signal.SIGCHLD})
+# What the command starts with at their default action, as subprocess's
+# restore_signals gives: Python ignores SIGPIPE and SIGXFSZ, which exec keeps.
+_DEFAULT_IN_COMMAND = (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ)
 
 
 def _terminal_sent_it() -> bool:
-    # A Ctrl-C (or Ctrl-\) at a terminal reaches the whole foreground process
-    # group, the command included; forwarding it too would deliver it twice.
+    # Only for a signal whose siginfo was lost (see _Forwarder.without_info):
+    # in the terminal's foreground group, guess the terminal.
     for fd in (0, 1, 2):
         try:
             if os.isatty(fd):
@@ -27,10 +52,113 @@ def _terminal_sent_it() -> bool:
     return False
 
 
-#: Signals sent to ``grex-locks run`` that are passed on to its command.
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-#: Signals a terminal sends to its whole foreground process group (the command too).
-_TERMINAL_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
+class _Forwarder:
+    """Passes signals on to the command once it runs; holds those that came before."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.finished = False
+        self.early: list[int] = []
+
+    def start(self, pid: int) -> None:
+        self.pid = pid
+        # These came before the command existed: whoever sent them, it has
+        # not seen them.
+        for signum in self.early:
+            os.kill(pid, signum)
+
+    def with_info(self, info: signal.struct_siginfo) -> None:
+        """Pass on a signal collected with its siginfo, unless the terminal sent it to CMD too."""
+        if self.pid is None or self.finished:
+            return
+        if (
+            info.si_signo in _TERMINAL_SIGNALS
+            and info.si_code == _SI_KERNEL
+            and _same_group(self.pid)
+        ):
+            return
+        os.kill(self.pid, info.si_signo)
+
+    def without_info(self, signum: int, frame: FrameType | None) -> None:
+        """The handler for a signal a helper thread caught while the main thread was busy.
+
+        Signals are blocked only in this thread; a lock library's helper
+        thread started earlier may take one delivered in the instant between
+        two ``sigwaitinfo`` calls, and then only this handler sees it.
+        """
+        del frame
+        if self.finished:
+            return
+        if self.pid is None:
+            self.early.append(signum)
+        elif not (signum in _TERMINAL_SIGNALS and _terminal_sent_it()):
+            os.kill(self.pid, signum)
+
+
+def _same_group(pid: int) -> bool:
+    """Whether ``pid`` is in this process's group, where the terminal's signal reached it too."""
+    try:
+        return os.getpgid(pid) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def _drain(signals: frozenset[int]) -> list[signal.struct_siginfo]:
+    """The pending ``signals``, taken without waiting."""
+    taken = []
+    while (info := signal.sigtimedwait(signals, 0)) is not None:
+        taken.append(info)
+    return taken
+
+
+def _close_inherited(keep: int) -> list[tuple[int, int]]:
+    """Spawn actions closing inherited descriptors, as subprocess's ``close_fds`` does.
+
+    The command gets stdin, stdout, stderr and the lock's descriptor, not
+    whatever else this process was handed without close-on-exec.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    actions = []
+    for fd in map(int, names):
+        try:
+            if fd > 2 and fd != keep and os.get_inheritable(fd):
+                actions.append((os.POSIX_SPAWN_CLOSE, fd))
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+    return actions
+
+
+def _spawn(command: list[str], lock_fd: int, mask: Iterable[int]) -> int:
+    """Start ``command`` with ``lock_fd`` inherited, signals unblocked and at their defaults.
+
+    posix_spawn sets the child's mask and dispositions before exec, so a
+    signal pending from the terminal acts on the command as on any program.
+    """
+    os.set_inheritable(lock_fd, True)
+    try:
+        return os.posix_spawnp(
+            command[0],
+            command,
+            os.environ,
+            file_actions=_close_inherited(lock_fd),
+            setsigmask=mask,
+            setsigdef=_DEFAULT_IN_COMMAND,
+        )
+    finally:
+        os.set_inheritable(lock_fd, False)
+
+
+def _announce_exit(pid: int, main: int, exited: threading.Event) -> None:
+    # WNOWAIT leaves the command a zombie, so its pid is never reused while
+    # signals may still be sent to it; the main thread reaps it.
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    exited.set()
+    # Thread-directed, so it waits for the main thread's sigwaitinfo even
+    # if a helper thread would have taken (and dropped) a process-wide one.
+    signal.pthread_kill(main, signal.SIGCHLD)
 
 
 def run_holding(command: list[str], lock_fd: int) -> int:
@@ -39,25 +167,17 @@ def run_holding(command: list[str], lock_fd: int) -> int:
     127 when the command is not found, 126 when it cannot be executed (not
     permitted, not an executable format, a directory), 128+N when it died of
     signal N. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to this process are
-    passed on to the command (SIGINT and SIGQUIT only when a terminal did not
-    already send them to the whole foreground group).
+    passed on to the command (SIGINT and SIGQUIT typed at the terminal
+    already reached it, and are not sent again).
     """
-    child: subprocess.Popen[bytes] | None = None
-    pending: list[int] = []
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        del frame
-        if child is None:
-            pending.append(signum)
-        elif not (signum in _TERMINAL_SIGNALS and _terminal_sent_it()):
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    forwarder = _Forwarder()
+    # Blocked first, so that threads started from here (the waiter) inherit it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _COLLECTED)
+    previous = {sig: signal.signal(sig, forwarder.without_info) for sig in FORWARDED_SIGNALS}
     try:
+        forwarder.early += [info.si_signo for info in _drain(frozenset(FORWARDED_SIGNALS))]
         try:
-            # pass_fds: the command inherits the descriptor that holds the
-            # flock, so the lock covers it even if this process is killed.
-            child = subprocess.Popen(command, pass_fds=(lock_fd,))
+            pid = _spawn(command, lock_fd, mask)
         except FileNotFoundError:
             print(f"grex-locks: error: command not found: {command[0]}", file=sys.stderr)
             return 127
@@ -65,10 +185,28 @@ def run_holding(command: list[str], lock_fd: int) -> int:
             why = exc.strerror or str(exc)
             print(f"grex-locks: error: cannot execute {command[0]}: {why}", file=sys.stderr)
             return 126
-        for signum in pending:
-            forward(signum, None)
-        status = child.wait()
+        exited = threading.Event()
+        waiter = threading.Thread(
+            target=_announce_exit,
+            args=(pid, threading.get_ident(), exited),
+            name="grex-locks-run-wait",
+            daemon=True,
+        )
+        waiter.start()
+        forwarder.start(pid)
+        while not exited.is_set():
+            info = signal.sigwaitinfo(_COLLECTED)
+            if info.si_signo != signal.SIGCHLD:
+                forwarder.with_info(info)
+        # Set before the reaping: once reaped, the pid may be someone else's.
+        forwarder.finished = True
+        _, status = os.waitpid(pid, 0)
+        waiter.join()
+        _drain(_COLLECTED)  # for the command, which is gone
     finally:
+        forwarder.finished = True
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 128 - status if status < 0 else status
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
