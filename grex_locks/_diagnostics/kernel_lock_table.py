@@ -30,6 +30,8 @@ from pathlib import Path
 
 from grex_locks._core.lock_file import FileKey
 
+from .process_tree import children_of, proc_stat
+
 PROC_LOCKS = "/proc/locks"
 
 _LINE = re.compile(
@@ -327,18 +329,67 @@ class ProcessFiles:
     def holders(self, key: FileKey, taker_pids: list[int], waiter_pids: list[int]) -> list[int]:
         """The pids that hold the flock on ``key`` now, cheapest evidence first.
 
-        The pids the kernel says took the lock are checked first; only if one
-        of them no longer holds it (it died, or handed the descriptor on) are
-        all processes' open files walked. Without ``fdinfo`` evidence, every
-        opener that is not a known waiter is a possible holder; failing that,
-        the takers themselves (the caller drops the dead).
+        While every pid the kernel says took the lock still holds it (or is
+        alive and cannot be seen not to), the others are looked for in the
+        takers' families (:meth:`with_family`). Only if a taker is gone or let
+        go of it (it died, or handed the descriptor on) are all processes'
+        open files walked. Without ``fdinfo`` evidence, every opener that is
+        not a known waiter is a possible holder; failing that, the takers
+        themselves (the caller drops the dead).
         """
         takers = [pid for pid in dict.fromkeys(taker_pids) if pid > 0]
-        if takers and all(self.holds(pid, key) for pid in takers):
-            return takers
+        if takers and all(self._may_hold(pid, key) for pid in takers):
+            return self.with_family(key, takers)
         openers = self.openers(key)
         locked = [o.pid for o in openers if o.locked]
         if locked:
             return locked
         maybe = [o.pid for o in openers if o.locked is None and o.pid not in waiter_pids]
         return maybe or takers
+
+    def _may_hold(self, pid: int, key: FileKey) -> bool:
+        holds = self.holds(pid, key)
+        if holds is None:
+            # Its descriptors are closed to us (another user's process): alive,
+            # it is taken at the kernel's word; dead, its heirs must be found.
+            return os.path.exists(f"{self._proc}/{pid}")
+        return holds
+
+    def with_family(self, key: FileKey, pids: list[int]) -> list[int]:
+        """``pids`` and the processes of their families that hold the flock on ``key`` too.
+
+        The family is every descendant of ``pids`` and each ancestor that
+        holds it (and in turn its descendants): the processes that can share
+        the locked open file description by inheritance. A descriptor passed
+        over a socket to an unrelated process, or a holder orphaned (its
+        parent exited, so it was re-parented) while the taker lives, is not
+        found this way; the full walk (:meth:`openers`) would find them at
+        the cost of every process's descriptors.
+        """
+        found = list(dict.fromkeys(pids))
+        seen = set(found)
+        queue = list(found)
+        for pid in found[:]:
+            parent = proc_stat(pid, self._proc)
+            while parent is not None and parent.ppid > 1 and parent.ppid not in seen:
+                seen.add(parent.ppid)
+                if not self._shares(parent.ppid, key):
+                    break
+                found.append(parent.ppid)
+                queue.append(parent.ppid)
+                parent = proc_stat(parent.ppid, self._proc)
+        while queue:
+            for child in children_of(queue.pop(), self._proc):
+                if child in seen:
+                    continue
+                seen.add(child)
+                # Descendants of one that let go are still asked: it may have
+                # closed the file after forking them.
+                queue.append(child)
+                if self._shares(child, key):
+                    found.append(child)
+        return found
+
+    def _shares(self, pid: int, key: FileKey) -> bool:
+        """Whether ``pid`` has ``key`` open with a descriptor that holds (or may hold) its flock."""
+        return key in (self.files_of(pid) or {}) and self.holds(pid, key) is not False
