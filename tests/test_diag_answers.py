@@ -254,8 +254,11 @@ def test_a_non_file_at_the_lock_path_is_explained_as_acquire_fails(
     assert "acquire succeeds" not in text
     assert "raises LockIOError" in text
     check_words(d)
+    # Nobody holds it, yet nothing can lock it: never FREE, and who says there is work to do.
+    assert d.state is HolderState.UNREADABLE
+    assert "No process holds it; " not in text  # a sentence, not a clause with a capital
     status, out, _ = cli(capsys, "who", str(lock))
-    assert status == 0  # nobody holds it: who answers by state, the text says the rest
+    assert status == 1
     assert "LockIOError" in " ".join(out.split())
     # What it says: the acquire fails ...
     with pytest.raises(LockIOError):

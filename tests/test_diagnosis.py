@@ -313,12 +313,21 @@ def test_reused_pid_record_on_a_free_lock_is_stale(lock: Path) -> None:
     assert d.state is HolderState.STALE_RECORD
 
 
-def test_reused_pid_holding_the_lock_is_orphaned(lock: Path, holders: Holders) -> None:
+def test_a_live_pid_holding_the_lock_under_a_record_with_another_start_is_no_heir(
+    lock: Path, holders: Holders
+) -> None:
+    # The process with the recorded pid took the lock itself (it holds it, and
+    # nothing inherited it): the record describes an earlier process with that
+    # pid. It was not "inherited from pid X, which is gone" (trial item 8).
     proc = holders.hold(lock, record="wrong-start")
     d = diagnose(lock)
-    assert d.state is HolderState.ORPHANED
+    assert d.state is HolderState.UNKNOWN_HOLDER
     assert "another process" in d.note
     assert [h.pid for h in d.holders] == [proc.pid]
+    summary = d.holder_summary()
+    assert "inherited" not in summary
+    assert f"held by pid {proc.pid} (" in summary
+    assert f"not by pid {proc.pid} that" not in summary
     check_words(d)
 
 
@@ -361,16 +370,34 @@ def test_pack_lock_in_a_child_process(tmp_path: Path, holders: Holders) -> None:
 # -- without the kernel's table --------------------------------------------------
 
 
-def test_no_kernel_table_judges_from_the_record_and_says_so(lock: Path) -> None:
-    table = KernelLockTable.unavailable("this system has no /proc/locks")
-    assert diagnose(lock, table=table).state is HolderState.FREE
-    write_record(lock, own_record())
+def test_no_kernel_table_is_never_free_and_held_only_when_the_holder_shows_it(
+    lock: Path, holders: Holders
+) -> None:
+    # Another platform (no /proc/locks), or a table closed to this user: a lock
+    # not seen held is UNREADABLE, saying what could not be seen (trial item 1).
+    table = KernelLockTable.read("/nonexistent/proc/locks")
+    assert not table.available
+    held_by_flock = holders.hold(lock, record="none")
+    for record in (None, own_record(), own_record(pid=2**40)):
+        if record is not None:
+            write_record(lock, record)
+        d = diagnose(lock, table=table)
+        assert d.state is HolderState.UNREADABLE, record
+        assert not d.kernel_visible
+        assert "/nonexistent/proc/locks" in d.note
+        assert "whether the lock is held cannot be seen" in d.note
+        text = d.explain()
+        assert "free" not in text.replace("not reported free", "")
+        assert "kernel's lock table" in text
+        check_words(d)
+    holders.kill(held_by_flock)
+    # A holder whose own descriptors show the lock is seen without the table.
+    proc = holders.hold(lock)
     d = diagnose(lock, table=table)
     assert d.state is HolderState.HELD
-    assert not d.kernel_visible
-    assert d.explain().startswith("Whether the lock is held is unknown here")
-    write_record(lock, own_record(pid=2**40))
-    assert diagnose(lock, table=table).state is HolderState.STALE_RECORD
+    assert [h.pid for h in d.holders] == [proc.pid]
+    assert "Whether the lock is held is unknown" not in d.explain()
+    check_words(d)
 
 
 # -- hostile records ---------------------------------------------------------------

@@ -9,6 +9,7 @@ a directory, a FIFO, a symlink, something we may not look at) becomes one
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from loguru import logger
@@ -58,9 +59,12 @@ def inspect(
     file_type = file_type_of(st.st_mode)
     if file_type == "symlink":
         try:
-            note = f"to {os.readlink(path)}"
+            target = f"to {os.readlink(path)}"
         except OSError:
-            note = "its target cannot be read"
+            target = "whose target cannot be read"
+        note = "; ".join(filter(None, (note, f"a symlink ({target}) sits at the lock path")))
+    elif file_type:
+        note = "; ".join(filter(None, (note, f"a {file_type} sits at the lock path")))
     return judge(
         path,
         (st.st_dev, st.st_ino),
@@ -98,7 +102,8 @@ def _other_locks_note(directory: Path) -> str:
         return ""
     return (
         f"{directory} holds other grex locks ({', '.join(names[:5])}"
-        f"{', ...' if len(names) > 5 else ''}): `grex-locks who {directory}` diagnoses them all"
+        f"{', ...' if len(names) > 5 else ''}): `grex-locks who {shlex.quote(str(directory))}` "
+        "diagnoses them all"
     )
 
 

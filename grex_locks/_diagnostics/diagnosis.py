@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -120,14 +121,27 @@ def _ask(call: Any, default: Any) -> Any:
 
 def clean(text: str, limit: int = 60) -> str:
     """``text`` fit for one line of a terminal: no control characters, at most ``limit`` long."""
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return _cut(" ".join(_printable(text).split()), limit)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _short_command(argv: object) -> str:
+    """A command line as a person would type it (``shlex.join``), program name first, short.
+
+    Each word is quoted as a shell needs it, so ``sh -c 'sleep 10'`` reads as
+    one argument after ``-c``, not three words.
+    """
     if not isinstance(argv, list) or not argv:
         return ""
-    return clean(" ".join([os.path.basename(str(argv[0])), *(str(word) for word in argv[1:])]))
+    words = [os.path.basename(str(argv[0])), *(str(word) for word in argv[1:])]
+    return _cut(shlex.join(_printable(word) for word in words), 60)
 
 
 def _observer() -> tuple[int, int]:
@@ -184,25 +198,32 @@ class Diagnosis:
         return not self.lock_file_type and self.state is not HolderState.UNREADABLE
 
     def to_dict(self) -> dict[str, Any]:
-        """The diagnosis as plain JSON values (``state`` by name)."""
-        return {
-            "path": str(self.path),
-            "state": self.state.name,
-            "kind": self.kind,
-            "owner": _plain(self.owner),
-            "holders": [_plain(asdict(h)) for h in self.holders],
-            "waiters": [_plain(asdict(w)) for w in self.waiters],
-            "lock_pids": list(self.lock_pids),
-            "shared": self.shared,
-            "record_problem": self.record_problem,
-            "record_file_type": self.record_file_type,
-            "record_at": str(self.record_at) if self.record_at is not None else None,
-            "record_user": self.record_user,
-            "lock_file_type": self.lock_file_type,
-            "note": self.note,
-            "kernel_visible": self.kernel_visible,
-            "summary": self.holder_summary(),
-        }
+        """The diagnosis as plain JSON values (``state`` by name), valid for strict parsers.
+
+        A byte of a path or command line that is not UTF-8 appears as the
+        four characters ``\\xNN`` (see :func:`strict_text`).
+        """
+        plain: dict[str, Any] = _plain(
+            {
+                "path": str(self.path),
+                "state": self.state.name,
+                "kind": self.kind,
+                "owner": _plain(self.owner),
+                "holders": [_plain(asdict(h)) for h in self.holders],
+                "waiters": [_plain(asdict(w)) for w in self.waiters],
+                "lock_pids": list(self.lock_pids),
+                "shared": self.shared,
+                "record_problem": self.record_problem,
+                "record_file_type": self.record_file_type,
+                "record_at": str(self.record_at) if self.record_at is not None else None,
+                "record_user": self.record_user,
+                "lock_file_type": self.lock_file_type,
+                "note": self.note,
+                "kernel_visible": self.kernel_visible,
+                "summary": self.holder_summary(),
+            }
+        )
+        return plain
 
     # -- words -----------------------------------------------------------------
 
@@ -277,23 +298,33 @@ class Diagnosis:
         elif state is HolderState.REMOTE:
             host = self.recorded("hostname")
             text = f"recorded as held by pid {recorded} on host {host}{self._since()}"
-        elif state is HolderState.ORPHANED:
-            who = ", ".join(self._who(p) for p in pids) or "a process that cannot be identified"
-            text = f"held by {who}, inherited from pid {recorded}, which is gone"
-        elif state is HolderState.UNKNOWN_HOLDER:
-            who = ", ".join(self._who(p) for p in pids) or "a process that cannot be identified"
-            named = isinstance(recorded, int) and not self.record_problem
-            host = f" on host {clean(self.record_host)}" if self.record_host else ""
-            text = f"held by {who}, " + (
-                f"not by pid {recorded}{host} that its owner record names"
-                if named
-                else "with no usable owner record"
-            )
+        elif state in (HolderState.ORPHANED, HolderState.UNKNOWN_HOLDER):
+            text = self._held_by_another(pids, recorded)
         else:
             return ""
         if self.waiters:
             text += f"; {len(self.waiters)} waiting"
         return text
+
+    def _held_by_another(self, pids: list[int], recorded: object) -> str:
+        """The ``ORPHANED`` / ``UNKNOWN_HOLDER`` clause: who holds it, how the record differs."""
+        who = ", ".join(self._who(p) for p in pids) or "a process that cannot be identified"
+        named = isinstance(recorded, int) and not self.record_problem
+        if named and recorded in pids:
+            # A live process with the recorded pid holds it, yet the verdict is
+            # not HELD: it is not the process the record describes.
+            return (
+                f"held by {who}, not by the process its owner record names: that one had "
+                f"pid {recorded} too, and is gone"
+            )
+        if self.state is HolderState.ORPHANED:
+            return f"held by {who}, inherited from pid {recorded}, which is gone"
+        host = f" on host {clean(self.record_host)}" if self.record_host else ""
+        return f"held by {who}, " + (
+            f"not by pid {recorded}{host} that its owner record names"
+            if named
+            else "with no usable owner record"
+        )
 
     def waiting_line(self) -> str:
         """``"3 waiting behind pid 4242"``, or ``""`` when nobody waits."""
@@ -322,11 +353,41 @@ def finite_seconds(value: object) -> float | None:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None, so strict JSON accepts it."""
+    """``value`` as strict JSON accepts it: non-finite floats as None, strings valid Unicode."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return strict_text(value)
+    if isinstance(value, Path):
+        return strict_text(str(value))
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {strict_text(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def strict_text(text: str) -> str:
+    """``text`` without lone surrogates, which strict JSON parsers refuse.
+
+    Python carries a byte of a file name or command line that is not UTF-8
+    as a lone surrogate (``os.fsdecode``'s ``surrogateescape``: byte 0xff is
+    ``"\\udcff"``). Each such byte is written as the four characters
+    ``\\xff``, as ``bytes.decode(..., "backslashreplace")`` would; any other
+    lone surrogate (a record's own ``"\\ud800"``) as the six characters
+    ``\\ud800``.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_strict_char(c) for c in text)
+    return text
+
+
+def _strict_char(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return char

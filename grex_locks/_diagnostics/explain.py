@@ -9,6 +9,7 @@ a symlink or directory at a record path) is ever named for removal.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from grex_locks._core.owner_record import record_path
@@ -20,14 +21,13 @@ from .lock_names import WORKSPACE_SYNC
 def explain(d: Diagnosis) -> str:
     """The paragraph :meth:`Diagnosis.explain` returns."""
     if d.state is HolderState.UNREADABLE:
-        return _unreadable(d)
-    if d.lock_file_type and d.state in (HolderState.FREE, HolderState.STALE_RECORD):
-        sentences = [_unusable(d)]
-    else:
-        sentences = [_STATES[d.state](d)]
-        if d.lock_file_type:
-            sentences.append(_unusable(d, held=True))
-    sentences += [_stopped(h, d) for h in d.holders if h.stopped]
+        return _unusable(d) if d.lock_file_type else _unreadable(d)
+    sentences = [_STATES[d.state](d)]
+    if d.lock_file_type:
+        sentences.append(_unusable(d, held=True))
+    sentences += [
+        _stopped(h, d, told=f"kill -CONT {h.pid}" in sentences[0]) for h in d.holders if h.stopped
+    ]
     sentences.append(_parent(d))
     if d.record_at is not None:
         sentences.append(
@@ -37,6 +37,8 @@ def explain(d: Diagnosis) -> str:
     if d.waiters:
         sentences.append(f"{d.waiting_line()}.")
     text = " ".join(s for s in sentences if s)
+    if not d.kernel_visible and d.state is HolderState.HELD:
+        return f"{text} ({d.note}.)" if d.note else text
     if not d.kernel_visible:
         unknown = f"Whether the lock is held is unknown here{_paren(d.note)}"
         text = f"{unknown}; judged from the owner record alone: {text}"
@@ -55,42 +57,58 @@ def _record(d: Diagnosis) -> Path:
     return record_path(d.path)
 
 
+def _q(path: Path) -> str:
+    """``path`` as a shell word, for a command a person pastes (spaces, quotes, ``$``...)."""
+    return shlex.quote(str(path))
+
+
 # -- the lock path itself ---------------------------------------------------------
 
 
 def _unreadable(d: Diagnosis) -> str:
-    return (
+    text = (
         f"{d.path} cannot be inspected from here: {d.note or 'the system refused'}. Whether "
-        "a lock there is held is unknown, so it is not reported free. Run this as a user "
-        "who may read that directory (its owner, or root), or fix its permissions."
+        "a lock there is held is unknown, so it is not reported free."
+    )
+    if not d.kernel_visible:
+        ask = ", or ask the process its owner record names" if d.owner is not None else ""
+        return (
+            f"{text} Run this where the kernel's lock table can be read (on Linux, "
+            f"/proc/locks; as root if it is closed to this user){ask}."
+        )
+    return (
+        f"{text} Run this as a user who may read that directory (its owner, or root), or "
+        "fix its permissions."
     )
 
 
 def _move_aside(path: Path, file_type: str) -> str:
-    move = f"move it aside (`mv {path} {path}.moved`)"
+    quoted, moved = shlex.quote(str(path)), shlex.quote(f"{path}.moved")
+    move = f"move it aside (`mv {quoted} {moved}`)"
     if file_type == "directory":
-        return f"if that directory is empty, `rmdir {path}`; otherwise {move}"
+        return f"if that directory is empty, `rmdir {quoted}`; otherwise {move}"
     return move
 
 
 def _unusable(d: Diagnosis, *, held: bool = False) -> str:
     kind, path = d.lock_file_type, d.path
     if kind == "symlink":
-        target = d.note or "elsewhere"
         what = (
-            f"it is a symlink ({target}), and lock files are never followed through a "
-            f"symlink, so every acquire of {path} raises LockIOError. If you meant the lock "
-            f"it points to, diagnose that path instead, or {_move_aside(path, kind)}"
+            "lock files are never followed through a symlink, so every acquire of "
+            f"{path} raises LockIOError. If you meant the lock it points to, diagnose that "
+            f"path instead, or {_move_aside(path, kind)}"
         )
     else:
         what = (
-            f"a {kind} sits at its path, so every acquire of {path} raises LockIOError until "
-            f"it is gone: {_move_aside(path, kind)}, and the next acquire creates the lock file"
+            f"every acquire of {path} raises LockIOError until it is gone: "
+            f"{_move_aside(path, kind)}, and the next acquire creates the lock file"
         )
     if held:
         return f"Even once it is free, grex_locks cannot use {path}: {what}."
-    nobody = "No process holds it; " if d.state is HolderState.FREE else ""
-    return f"{path} is not usable as a lock file. {nobody}{what[0].upper()}{what[1:]}."
+    return (
+        f"{path} is not usable as a lock file: {d.note or f'a {kind} sits at its path'}. "
+        f"No process holds it, but {what}."
+    )
 
 
 # -- the states -------------------------------------------------------------------------
@@ -111,10 +129,10 @@ def _record_obstacle(d: Diagnosis) -> str:
             f"its owner record path {record} is a directory, not a record: an acquire still "
             "takes the lock, but its holder cannot record itself there, so diagnostics will "
             "show it as an unknown holder. `grex-locks doctor --prune` leaves it alone (it "
-            f"removes only regular-file records): remove it with `rmdir {record}` (once it "
+            f"removes only regular-file records): remove it with `rmdir {_q(record)}` (once it "
             "is empty)."
         )
-    unlink = f"`rm {record}` removes the {kind} itself" + (
+    unlink = f"`rm {_q(record)}` removes the {kind} itself" + (
         ", not what it points to" if kind == "symlink" else ""
     )
     return (
@@ -160,7 +178,7 @@ def _held(d: Diagnosis) -> str:
     return (
         f"{text} The holder is alive, so waiting is safe: the lock is granted the moment it "
         "is released. If it seems stuck, look at what that process is doing (its logs, or "
-        f"`py-spy dump --pid {pids[0]}`)."
+        f"`py-spy dump --pid {shlex.quote(str(pids[0]))}`)."
     )
 
 
@@ -179,7 +197,7 @@ def _unknown(d: Diagnosis) -> str:
         return (
             f"{start}: its owner record path {record} is a directory, so holders cannot "
             "record themselves (an acquire still takes the lock, without a record). Remove "
-            f"it with `rmdir {record}` once it is empty; `grex-locks doctor --prune` leaves "
+            f"it with `rmdir {_q(record)}` once it is empty; `grex-locks doctor --prune` leaves "
             "it alone. Waiting is safe while the holder runs."
         )
     if kind:
@@ -234,7 +252,8 @@ _STATES = {
 # -- who the holders are ----------------------------------------------------------------
 
 
-def _stopped(holder: Holder, d: Diagnosis) -> str:
+def _stopped(holder: Holder, d: Diagnosis, *, told: bool = False) -> str:
+    """The sentences about a stopped holder; ``told``: ``kill -CONT PID`` was already given."""
     pid = holder.pid
     if holder.status == "tracing-stop":
         how = "it is stopped under a debugger or tracer (continue it there)"
@@ -247,8 +266,10 @@ def _stopped(holder: Holder, d: Diagnosis) -> str:
     )
     text = (
         f"The holder, pid {pid}, is stopped ({how}): it cannot release the lock until it is "
-        f"continued, so {effect} (or until it ends). `kill -CONT {pid}` continues it."
+        f"continued, so {effect} (or until it ends)."
     )
+    if not told:
+        text += f" `kill -CONT {pid}` continues it."
     if holder.ppid > 0:
         parent = f"pid {holder.ppid}" + (f" ({holder.parent})" if holder.parent else "")
         text += (

@@ -23,6 +23,7 @@ from grex_locks._core.owner_record import OWNER_SUFFIX, record_path
 
 from .diagnosis import Diagnosis, Holder, HolderState, finite_seconds
 from .kernel_lock_table import KernelLockTable, ProcessFiles
+from .process_tree import proc_stat
 from .record_reader import RecordRead, RecordStatus, read_record, read_record_at
 
 #: psutil derives start times from the boot time, which the kernel may report a
@@ -52,6 +53,7 @@ class Probe:
         self.now = time.time()
         self._holders: dict[int, Holder | None] = {}
         self._users: dict[int, str] = {}
+        self._ticks: dict[int, int | None] = {}
 
     def again(self, key: FileKey) -> Probe:
         """A new look at the lock ``key``: its kernel table lines read now, no process known yet.
@@ -85,8 +87,15 @@ class Probe:
         found = (self.holder(pid) for pid in dict.fromkeys(pids))
         return [h for h in found if h is not None]
 
-    def identity(self, pid: int, create_time: float) -> str:
-        """``"alive"`` if ``pid`` is the process started at ``create_time``; else gone/reused."""
+    def identity(self, pid: int, create_time: float, start_ticks: object = None) -> str:
+        """``"alive"`` if ``pid`` is the process started at ``create_time``; else gone/reused.
+
+        ``start_ticks`` (a record's, if it has one) is compared exactly with
+        the live process's: ``create_time`` is only good to a second, and a
+        busy machine can reuse a pid within it. ``create_time`` is still
+        compared, for a record written before the last boot (whose ticks
+        count from another boot) and for one without ticks.
+        """
         holder = self.holder(pid)
         if holder is None:
             return "gone"
@@ -95,7 +104,22 @@ class Probe:
             recorded is None or abs(holder.create_time - recorded) > _START_TIME_SLACK
         ):
             return "reused"
+        if isinstance(start_ticks, int) and not isinstance(start_ticks, bool):
+            now = self.start_ticks(pid)
+            if now is not None and now != start_ticks:
+                return "reused"
         return "alive"
+
+    def identity_of(self, owner: dict[str, Any]) -> str:
+        """:meth:`identity` of the process a valid record names."""
+        return self.identity(owner["pid"], owner["create_time"], owner.get("start_ticks"))
+
+    def start_ticks(self, pid: int) -> int | None:
+        """When ``pid`` started, in clock ticks after boot (cached); ``None`` if unknown."""
+        if pid not in self._ticks:
+            found = proc_stat(pid)
+            self._ticks[pid] = found.start_ticks if found is not None else None
+        return self._ticks[pid]
 
     def readers(self, key: FileKey, waiter_pids: list[int]) -> list[int]:
         """The holders of ``key`` if each holds it shared (says its ``fdinfo``); else ``[]``."""
@@ -121,22 +145,36 @@ class _Verdict:
     shared: bool = False
     #: The holders when already known; ``None`` means "find them" (if held).
     holder_pids: list[int] | None = None
+    #: Who took the lock, when the verdict read the kernel's table itself.
+    taker_pids: list[int] | None = None
 
 
-def _verdict_unseen(record: RecordRead, probe: Probe) -> _Verdict:
-    """Without the kernel's table, judge from the record alone (and say so)."""
-    owner, note = record.owner, probe.table.reason
-    if record.status is not RecordStatus.VALID or owner is None:
-        no_record = record.status in (RecordStatus.MISSING, RecordStatus.EMPTY)
+def _verdict_unseen(record: RecordRead, key: FileKey, probe: Probe) -> _Verdict:
+    """Without the kernel's table: held only if the recorded process shows it; else unknown.
+
+    A process's own ``fdinfo`` can show that it holds the lock; nothing short
+    of the kernel's table can show that nobody does, so a lock not seen held
+    is ``UNREADABLE``, never ``FREE`` nor ``STALE_RECORD``.
+    """
+    owner = record.owner if record.status is RecordStatus.VALID else None
+    reason = probe.table.reason or "the kernel's lock table cannot be read"
+    if owner is not None and _holds_per_fdinfo(owner, key, probe):
+        pid = owner["pid"]
         return _Verdict(
-            HolderState.FREE if no_record else HolderState.STALE_RECORD, note, False, []
+            HolderState.HELD,
+            f"{reason}; pid {pid}'s own descriptors show that it holds the lock",
+            holder_pids=[pid],
         )
-    if probe.identity(owner["pid"], owner["create_time"]) == "alive":
-        return _Verdict(HolderState.HELD, note, False, [owner["pid"]])
-    return _Verdict(HolderState.STALE_RECORD, note, False, [])
+    note = f"{reason}, so whether the lock is held cannot be seen"
+    if owner is not None:
+        alive = probe.identity_of(owner) == "alive"
+        note += f"; its owner record names pid {owner['pid']}, which " + (
+            "is alive but shows no hold here" if alive else "is gone"
+        )
+    return _Verdict(HolderState.UNREADABLE, note, holder_pids=[])
 
 
-def _verdict_exclusive(
+def _verdict_exclusive(  # noqa: PLR0911 - one return per case
     owner: dict[str, Any], key: FileKey, taker_pids: list[int] | None, probe: Probe
 ) -> _Verdict:
     """Held exclusively with a valid record: does the recorded process hold it, or did it take it?
@@ -145,12 +183,21 @@ def _verdict_exclusive(
     does not show from this pid namespace); ``None`` when that is not known.
     """
     pid: int = owner["pid"]
-    identity = probe.identity(pid, owner["create_time"])
+    identity = probe.identity_of(owner)
     if identity == "alive":
         holds = probe.files.holds(pid, key)
-        if holds or (holds is None and pid in (taker_pids or ())):
+        if holds:
             return _Verdict(HolderState.HELD, holder_pids=[pid])
+        if pid in (taker_pids or ()):
+            # The recorded process itself took the lock: it holds it where
+            # its descriptors are closed to us, or let go since the table
+            # was read (a moment's state: whoever holds it now is looked for).
+            return _Verdict(HolderState.HELD, holder_pids=None if holds is False else [pid])
         return _Verdict(HolderState.UNKNOWN_HOLDER)
+    if identity == "reused" and probe.files.holds(pid, key):
+        # The process that now has the recorded pid holds the lock itself; it
+        # is not the process the record describes, whatever the table says.
+        return _Verdict(HolderState.UNKNOWN_HOLDER, _reused_note(owner, probe))
     gone = "now belongs to another process" if identity == "reused" else "has exited"
     if taker_pids is None:
         # Whether the holder inherited the lock from pid N, or took it after
@@ -167,30 +214,79 @@ def _verdict_exclusive(
     return _Verdict(HolderState.UNKNOWN_HOLDER)
 
 
+def _reused_note(owner: dict[str, Any], probe: Probe) -> str:
+    """Why the live process with the recorded pid is not the one the record names."""
+    pid = owner["pid"]
+    holder = probe.holder(pid)
+    started = holder.create_time if holder is not None else 0.0
+    recorded = finite_seconds(owner["create_time"])
+    when = f", started at {_clock(started)}" if started else ""
+    named = f" (started at {_clock(recorded)})" if recorded is not None else ""
+    return (
+        f"the process its owner record names{named} is gone, and pid {pid} now belongs to "
+        f"another process{when}, which holds the lock itself"
+    )
+
+
+def _clock(seconds: float) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.0f} s after the epoch"
+
+
 def _verdict_busy(
     record: RecordRead, owner: dict[str, Any] | None, key: FileKey, probe: Probe
 ) -> _Verdict:
     """Judge a lock known only to be held (an acquire was just refused), cheapest evidence first.
 
-    A live recorded process that holds it is the cheap answer; else the
-    holders' own ``fdinfo`` tells readers (who write no record) and who took
-    the lock, as the kernel's table would; that table itself is read only
-    when a dead recorded process and no visible holder leave it open.
+    A live recorded process that holds it is the cheap answer. Else the
+    kernel's lines about this one file say who took it and how (one read,
+    tens of microseconds, where asking every process's ``fdinfo`` costs
+    tens of milliseconds on a machine with thousands of processes, and
+    sees nothing of other users' processes). Only where that table cannot
+    be read are the processes' own ``fdinfo`` asked.
     """
     if owner is not None:
         pid: int = owner["pid"]
-        if probe.identity(pid, owner["create_time"]) == "alive" and probe.files.holds(pid, key):
+        if probe.identity_of(owner) == "alive" and probe.files.holds(pid, key):
             return _Verdict(HolderState.HELD, holder_pids=[pid])
-    readers = probe.readers(key, [lock.pid for lock in probe.table.waiters(key)])
+    table = KernelLockTable.read(attempts=1, inode=key[1])
+    if table.available:
+        return _verdict_by_table(record, owner, key, table, probe)
+    readers = probe.readers(key, [])
     if readers:
         return _Verdict(HolderState.HELD, shared=True, holder_pids=readers)
     if owner is None:
         return _verdict_no_record(record)
-    takers: list[int] | None = probe.files.takers(key)
-    if not takers and probe.identity(owner["pid"], owner["create_time"]) != "alive":
-        table = KernelLockTable.read(attempts=1, inode=key[1])
-        takers = [lock.pid for lock in table.holders(key)] or None
-    return _verdict_exclusive(owner, key, takers, probe)
+    return _verdict_exclusive(owner, key, probe.files.takers(key) or None, probe)
+
+
+def _verdict_by_table(
+    record: RecordRead,
+    owner: dict[str, Any] | None,
+    key: FileKey,
+    table: KernelLockTable,
+    probe: Probe,
+) -> _Verdict:
+    """:func:`_verdict_busy`'s judgement once the kernel's lines about the lock were read."""
+    granted = table.holders(key)
+    takers = [lock.pid for lock in granted]
+    if not granted:
+        return _Verdict(
+            HolderState.UNKNOWN_HOLDER,
+            "it was let go before its holder could be seen",
+            holder_pids=[],
+            taker_pids=[],
+        )
+    if {lock.mode for lock in granted} == {"READ"}:
+        return _Verdict(HolderState.HELD, shared=True, taker_pids=takers)
+    verdict = (
+        _verdict_no_record(record)
+        if owner is None
+        else _verdict_exclusive(owner, key, takers, probe)
+    )
+    return replace(verdict, taker_pids=takers)
 
 
 def _verdict_no_record(record: RecordRead) -> _Verdict:
@@ -243,9 +339,7 @@ def _holds_per_fdinfo(owner: dict[str, Any], key: FileKey, probe: Probe) -> bool
     pid: int = owner["pid"]
     # fdinfo first, right after the record was read: a short hold can end
     # while psutil looks the process up.
-    return bool(probe.files.holds(pid, key)) and (
-        probe.identity(pid, owner["create_time"]) == "alive"
-    )
+    return bool(probe.files.holds(pid, key)) and (probe.identity_of(owner) == "alive")
 
 
 def remote_host(record: RecordRead, probe: Probe) -> str:
@@ -264,7 +358,7 @@ def _verdict(  # noqa: PLR0911 - one return per row of the state table
     if owner is not None and hostname:
         return _verdict_remote(owner, hostname, key, probe)
     if not probe.table.available:
-        return _verdict_unseen(record, probe)
+        return _verdict_unseen(record, key, probe)
     if not held:
         if owner is not None and _holds_per_fdinfo(owner, key, probe):
             return _Verdict(HolderState.HELD, holder_pids=[owner["pid"]])
@@ -363,10 +457,65 @@ def _look(path: Path, key: FileKey, record: RecordRead, probe: Probe, links: int
             again = _verdict(found[0], key, held, probe)
             if again.state is HolderState.HELD:
                 (record, record_at), verdict = found, again
+    if verdict.taker_pids is not None:
+        taker_pids = verdict.taker_pids
     pids = verdict.holder_pids
     if pids is None:
         pids = probe.files.holders(key, taker_pids, waiter_pids) if held else []
+    elif pids:
+        pids = probe.files.with_family(key, pids)
+    verdict = _reconciled(verdict, record, pids, probe)
+    if verdict.state is HolderState.UNKNOWN_HOLDER and _between_records(path, record, pids, probe):
+        verdict = _Verdict(
+            HolderState.HELD,
+            "its holder keeps this lock's owner record open: a grex_locks holder caught "
+            "between taking the lock and recording itself (or clearing its record)",
+            holder_pids=pids,
+            taker_pids=verdict.taker_pids,
+        )
     return _Look(record, record_at, verdict, taker_pids, waiter_pids, pids, probe, key)
+
+
+def _between_records(path: Path, record: RecordRead, pids: list[int], probe: Probe) -> bool:
+    """Whether a holder of a lock without a record has that record file open.
+
+    A grex_locks lock keeps a descriptor on its record file and writes the
+    record just after the lock is granted and blanks it just before it is
+    let go; a holder cycling fast is seen without a record a good part of
+    the time. A foreign holder (``flock(1)``) has no record file open.
+    """
+    if record.status not in (RecordStatus.MISSING, RecordStatus.EMPTY) or not pids:
+        return False
+    try:
+        st = os.stat(record_path(path), follow_symlinks=False)
+    except OSError:
+        return False
+    key = (st.st_dev, st.st_ino)
+    return any(key in (probe.files.files_of(pid) or {}) for pid in pids)
+
+
+def _reconciled(verdict: _Verdict, record: RecordRead, pids: list[int], probe: Probe) -> _Verdict:
+    """``verdict`` squared with the holders found after it, which a lock changing hands can move.
+
+    A recorded process that let go as the verdict was reached and took the
+    lock again before its holders were looked for is the holder the record
+    names (``HELD``), not an unknown one; one that was seen taking the lock
+    but is not among its holders now is not the holder (``UNKNOWN_HOLDER``).
+    A live process with the recorded pid is never the "gone" process a
+    lock was inherited from.
+    """
+    owner = record.owner if record.status is RecordStatus.VALID else None
+    if owner is None or verdict.shared or remote_host(record, probe):
+        return verdict
+    pid, state = owner["pid"], verdict.state
+    if pid in pids and state in (HolderState.UNKNOWN_HOLDER, HolderState.ORPHANED):
+        if probe.identity_of(owner) == "alive":
+            return _Verdict(HolderState.HELD, holder_pids=pids, taker_pids=verdict.taker_pids)
+        note = verdict.note if state is HolderState.UNKNOWN_HOLDER else _reused_note(owner, probe)
+        return replace(verdict, state=HolderState.UNKNOWN_HOLDER, note=note)
+    if state is HolderState.HELD and pids and pid not in pids:
+        return replace(verdict, state=HolderState.UNKNOWN_HOLDER)
+    return verdict
 
 
 #: At most this many looks are taken at a lock whose verdict needs confirming.
@@ -379,6 +528,10 @@ _TO_CONFIRM = frozenset(
 )
 
 
+#: How many looks in a row must agree that a lock is held without any record.
+_NO_RECORD_AGREEING = 4
+
+
 def _settle(path: Path, key: FileKey, look: _Look, links: int, before: RecordRead | None) -> _Look:
     """Look again until the verdict is confirmed, or :data:`LOOKS` looks were taken.
 
@@ -387,11 +540,15 @@ def _settle(path: Path, key: FileKey, look: _Look, links: int, before: RecordRea
     record never changes, while a live holder blanks its record before each
     release and writes a new one (a new ``acquired_at``) at each hold.
     ``UNKNOWN_HOLDER`` and ``ORPHANED`` stand when two looks (table, then
-    record) agree. ``FREE`` and ``HELD`` need no confirming: each is true of
-    the moment it was seen. ``before`` is the record as read before
-    ``look``'s table, if it was.
+    record) agree; ``UNKNOWN_HOLDER`` without a record when
+    :data:`_NO_RECORD_AGREEING` looks in a row do, since a grex_locks holder
+    cycling fast is between holds, its record blank, a good part of the
+    time, while a foreign holder's missing record stays missing. ``FREE``
+    and ``HELD`` need no confirming: each is true of the moment it was seen.
+    ``before`` is the record as read before ``look``'s table, if it was.
     """
     previous: _Look | None = None
+    agreeing = 1
     for count in range(1, LOOKS + 1):
         state = look.verdict.state
         if state not in _TO_CONFIRM or not (look.probe.live and look.probe.table.available):
@@ -400,7 +557,12 @@ def _settle(path: Path, key: FileKey, look: _Look, links: int, before: RecordRea
             if before is not None and before.same_as(look.record):
                 return look
         elif previous is not None and previous.agrees_with(look):
-            return look
+            agreeing += 1
+            no_record = look.record.status in (RecordStatus.MISSING, RecordStatus.EMPTY)
+            if agreeing >= (_NO_RECORD_AGREEING if no_record else 2):
+                return look
+        else:
+            agreeing = 1
         if count == LOOKS:
             break
         previous, before = look, look.record
@@ -424,7 +586,7 @@ def _unconfirmed(look: _Look) -> _Look:
     if (
         verdict.state is HolderState.STALE_RECORD
         and owner is not None
-        and look.probe.identity(owner["pid"], owner["create_time"]) == "alive"
+        and look.probe.identity_of(owner) == "alive"
     ):
         look.verdict = _Verdict(
             HolderState.FREE,
@@ -472,11 +634,20 @@ def judge(
             diagnosed_at=probe.now,
             **base,
         )
-    if record.status is RecordStatus.MISSING and probe.table.available and key not in probe.table:
+    if (
+        record.status is RecordStatus.MISSING
+        and probe.table.available
+        and key not in probe.table
+        and not lock_file_type
+    ):
         # The common case, cheap.
         return Diagnosis(state=HolderState.FREE, note=note, diagnosed_at=probe.now, **base)
     look = _settle(path, key, _look(path, key, record, probe, links), links, before)
     record, verdict, seen = look.record, look.verdict, look.probe
+    if lock_file_type and verdict.state in (HolderState.FREE, HolderState.STALE_RECORD):
+        # Nobody holds it, yet no acquire can take it (LockIOError): never
+        # "free", so that `grex-locks who` does not answer "nothing to do".
+        verdict = replace(verdict, state=HolderState.UNREADABLE)
     return Diagnosis(
         state=verdict.state,
         owner=record.owner,
