@@ -35,6 +35,18 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 120
 
 
+#: Serialises the first use of unpickled locks (see ``_FileLock._core``).
+_first_use = threading.Lock()
+
+
+def _renew_first_use() -> None:
+    global _first_use  # noqa: PLW0603 - a parent thread may have held it at the fork
+    _first_use = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_first_use)
+
+
 def _describe(value: object) -> str:
     """``value`` in an error message: its (shortened) repr and its type."""
     return f"{_REPR.repr(value)} ({type(value).__name__})"
@@ -78,7 +90,24 @@ class _FileLock:
         #: exits to release. A stack: a forked child may enter a block of its own
         #: inside one it inherited from its parent (same thread ident).
         self._entered: dict[int, list[Hold]] = {}
-        self._core = LockCore(
+        # Opened here, so that the constructor raises LockIOError when the OS
+        # refuses; a lock unpickled in another process opens it at first use.
+        self._core = self._open_core()
+
+    @functools.cached_property
+    def _core(self) -> LockCore:
+        # Reached only by a lock rebuilt by unpickling (see _unpickled): the
+        # constructor sets the attribute itself. Two threads using such a lock
+        # for the first time at once must share one core (each would hold and
+        # release through its own), so the core is stored under a mutex.
+        with _first_use:
+            core: LockCore | None = self.__dict__.get("_core")
+            if core is None:
+                core = self.__dict__["_core"] = self._open_core()
+            return core
+
+    def _open_core(self) -> LockCore:
+        return LockCore(
             self._lock_file(self._target),
             tier=self._tier,
             kind=self._kind,
@@ -198,11 +227,25 @@ class _FileLock:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A lock travels as its constructor argument, never as a held lock.
-        return (type(self), (self._target,))
+        return (_unpickled, (type(self), self._target))
 
     def __repr__(self) -> str:
         state = "held" if self.held else "free"
         return f"{type(self).__name__}({str(self._target)!r}) <{state}>"
+
+
+def _unpickled(cls: type[_FileLock], target: Path) -> _FileLock:
+    """A lock sent to another process, as new, its file opened at first use there.
+
+    Not by the unpickling: a lock file the OS refuses would then fail the
+    unpickling itself, which in a ``ProcessPoolExecutor`` worker kills the
+    worker and breaks the whole pool. At first use the refusal is the
+    ``LockIOError`` of the call that made it: the task's own error.
+    """
+    lock = cls.__new__(cls)
+    lock._target = target
+    lock._entered = {}
+    return lock
 
 
 class PackLock(_FileLock):

@@ -392,6 +392,33 @@ def test_errors_raised_in_a_spawn_pool_worker_keep_attributes_and_os_error(tmp_p
         _assert_same_os_error(back.__context__, _os_error())
 
 
+def _try_lock_sent(lock: PackLock) -> str:
+    """A pool task: try the lock that came in the task's arguments."""
+    with lock.try_acquire():
+        return "acquired"
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_a_lock_the_worker_cannot_open_fails_its_task_not_the_pool(
+    tmp_path: Path, method: str
+) -> None:
+    # The pack's directory became a file after the lock was made: unpickled
+    # in the worker, the lock cannot be opened. That is the task's error; a
+    # failing unpickling would kill the worker and break the whole pool.
+    pack = tmp_path / "pack"
+    lock = PackLock(pack)
+    fine = PackLock(tmp_path / "other")
+    (pack / ".grex-lock").unlink()
+    pack.rmdir()
+    pack.write_text("a file where the pack was\n")
+    ctx = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        with pytest.raises(LockIOError, match="not a directory"):
+            pool.submit(_try_lock_sent, lock).result(timeout=3 * DEADLINE)
+        assert pool.submit(_try_lock_sent, fine).result(timeout=3 * DEADLINE) == "acquired"
+    assert pack.read_text() == "a file where the pack was\n"
+
+
 def test_a_failed_flock_is_a_lock_io_error_with_the_os_error_as_cause(tmp_path: Path) -> None:
     from grex_locks._core import os_lock
 
