@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -18,6 +20,7 @@ from support import (
     PipedChild,
     acquire_all_repeatedly,
     hold_until_told,
+    join_helper_threads,
     max_inside,
     must_wait,
     read_audit,
@@ -340,8 +343,9 @@ def test_a_group_timeout_reports_the_whole_wait(tmp_path: Path) -> None:
         key=lambda lock: (os.stat(lock.path).st_dev, os.stat(lock.path).st_ino),
     )
     first, second = locks
-    forever = subprocess.Popen(["flock", str(second.path), "sleep", "60"])
-    briefly = subprocess.Popen(["flock", str(first.path), "sleep", "0.4"])
+    # Each in a session of its own: flock's child (sleep) holds the lock too.
+    forever = subprocess.Popen(["flock", str(second.path), "sleep", "60"], start_new_session=True)
+    briefly = subprocess.Popen(["flock", str(first.path), "sleep", "0.4"], start_new_session=True)
     try:
         until(lambda: try_lock(first) == try_lock(second) == "LockBusy", "both held")
         with pytest.raises(LockTimeout) as caught:
@@ -350,5 +354,7 @@ def test_a_group_timeout_reports_the_whole_wait(tmp_path: Path) -> None:
         assert caught.value.path == second.path
     finally:
         for child in (forever, briefly):
-            child.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
             child.wait(DEADLINE)
+        join_helper_threads()  # the group's wait for `second`, left behind, ends
