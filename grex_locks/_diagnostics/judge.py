@@ -465,33 +465,7 @@ def _look(path: Path, key: FileKey, record: RecordRead, probe: Probe, links: int
     elif pids:
         pids = probe.files.with_family(key, pids)
     verdict = _reconciled(verdict, record, pids, probe)
-    if verdict.state is HolderState.UNKNOWN_HOLDER and _between_records(path, record, pids, probe):
-        verdict = _Verdict(
-            HolderState.HELD,
-            "its holder keeps this lock's owner record open: a grex_locks holder caught "
-            "between taking the lock and recording itself (or clearing its record)",
-            holder_pids=pids,
-            taker_pids=verdict.taker_pids,
-        )
     return _Look(record, record_at, verdict, taker_pids, waiter_pids, pids, probe, key)
-
-
-def _between_records(path: Path, record: RecordRead, pids: list[int], probe: Probe) -> bool:
-    """Whether a holder of a lock without a record has that record file open.
-
-    A grex_locks lock keeps a descriptor on its record file and writes the
-    record just after the lock is granted and blanks it just before it is
-    let go; a holder cycling fast is seen without a record a good part of
-    the time. A foreign holder (``flock(1)``) has no record file open.
-    """
-    if record.status not in (RecordStatus.MISSING, RecordStatus.EMPTY) or not pids:
-        return False
-    try:
-        st = os.stat(record_path(path), follow_symlinks=False)
-    except OSError:
-        return False
-    key = (st.st_dev, st.st_ino)
-    return any(key in (probe.files.files_of(pid) or {}) for pid in pids)
 
 
 def _reconciled(verdict: _Verdict, record: RecordRead, pids: list[int], probe: Probe) -> _Verdict:
@@ -568,10 +542,28 @@ def _settle(path: Path, key: FileKey, look: _Look, links: int, before: RecordRea
         previous, before = look, look.record
         probe = look.probe.again(key)  # the table first, then the record
         look = _look(path, key, read_record(path), probe, links)
-    return _unconfirmed(look)
+    return _unconfirmed(path, look)
 
 
-def _unconfirmed(look: _Look) -> _Look:
+def _between_records(path: Path, record: RecordRead, pids: list[int], probe: Probe) -> bool:
+    """Whether a holder of a lock without a record has that record file open.
+
+    A grex_locks lock keeps a descriptor on its record file, writes the
+    record just after the lock is granted and blanks it just before it is
+    let go: a holder cycling fast is seen without a record a good part of
+    the time. A foreign holder (``flock(1)``) has no record file open.
+    """
+    if record.status not in (RecordStatus.MISSING, RecordStatus.EMPTY) or not pids:
+        return False
+    try:
+        st = os.stat(record_path(path), follow_symlinks=False)
+    except OSError:
+        return False
+    key = (st.st_dev, st.st_ino)
+    return any(key in (probe.files.files_of(pid) or {}) for pid in pids)
+
+
+def _unconfirmed(path: Path, look: _Look) -> _Look:
     """The last of :data:`LOOKS` looks that never agreed: the lock changed hands during each.
 
     A stale-looking record that changed between every two looks was being
@@ -596,6 +588,22 @@ def _unconfirmed(look: _Look) -> _Look:
         )
         look.record = RecordRead(RecordStatus.EMPTY, uid=record.uid)
         look.holder_pids = []
+        return look
+    if verdict.state is HolderState.UNKNOWN_HOLDER and _between_records(
+        path, record, look.holder_pids, look.probe
+    ):
+        # Held without a record at every look, but never the same way twice, by
+        # a process that keeps this lock's record open: a grex_locks holder
+        # taking and letting go faster than a look, caught between its
+        # record's writes each time. (A holder whose record stays missing is
+        # seen the same way by agreeing looks, and stays UNKNOWN_HOLDER.)
+        look.verdict = _Verdict(
+            HolderState.HELD,
+            f"{changing}: its holder keeps this lock's owner record open and was "
+            "caught between taking the lock and recording itself each time",
+            holder_pids=look.holder_pids,
+            taker_pids=verdict.taker_pids,
+        )
         return look
     note = "; ".join(filter(None, (verdict.note, f"{changing}; this is the last")))
     look.verdict = replace(verdict, note=note)
