@@ -271,6 +271,29 @@ def test_churn_never_gives_a_self_contradicting_summary(tmp_path: Path) -> None:
     assert states.get("UNKNOWN_HOLDER", 0) + states.get("ORPHANED", 0) <= 15, states
 
 
+def test_a_record_emptied_by_hand_under_a_live_holder_is_unknown_holder(
+    tmp_path: Path, holders: Holders
+) -> None:
+    # The state table: held, with no record, is UNKNOWN_HOLDER, even when the
+    # holder is a grex_locks process that keeps its record file open; only a
+    # holder caught between its own writes at every look reads as HELD.
+    code = (
+        "import sys; from grex_locks import PackLock\n"
+        "with PackLock(sys.argv[1]):\n"
+        "    print('ready', flush=True); sys.stdin.read()\n"
+    )
+    proc = holders.spawn(sys.executable, "-c", code, str(tmp_path))
+    assert read_line(proc) == "ready"
+    assert diagnose(tmp_path).state is HolderState.HELD
+    record = tmp_path / ".grex-lock.owner"
+    with open(record, "r+b") as in_place:
+        in_place.write(b" " * record.stat().st_size)
+    d = diagnose(tmp_path)
+    assert d.state is HolderState.UNKNOWN_HOLDER
+    assert d.owner is None
+    assert [h.pid for h in d.holders] == [proc.pid]
+
+
 # -- 10. words and JSON ------------------------------------------------------------------------
 
 
