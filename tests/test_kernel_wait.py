@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from support import DEADLINE
+from support import DEADLINE, join_helper_threads
 
 from grex_locks import LockCancelled, LockTimeout, PackLock
 from grex_locks._core import kernel_wait
@@ -56,3 +57,39 @@ def test_a_timeout_retry_loop_reuses_one_helper_and_gets_the_lock_when_freed(
             thread.join(DEADLINE)
             assert not thread.is_alive()
     assert kernel_wait.idle_count() == 0
+
+
+def _blocked_signals(thread: threading.Thread) -> int:
+    """The signal mask of ``thread`` as the kernel shows it (``SigBlk``), as a bit set."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+    return int(line.split()[1], 16)
+
+
+@pytest.mark.timeout(60)
+def test_helper_threads_block_signals_and_leave_the_callers_mask_alone(tmp_path: Path) -> None:
+    # A helper left waiting in flock must not take a signal meant for a
+    # program that collects its signals with sigwait (grex-locks run does).
+    lock = PackLock(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(lock.path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        before = _blocked_signals(threading.current_thread())
+        with pytest.raises(LockTimeout):
+            lock.acquire(timeout=0.01)
+        helpers = [t for t in threading.enumerate() if t.name == "grex-locks-flock-wait"]
+        assert helpers
+        for helper in helpers:
+            mask = _blocked_signals(helper)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+                assert mask & (1 << (signum - 1)), f"{signum!r} reaches {helper.name}"
+        assert _blocked_signals(threading.current_thread()) == before
+    finally:
+        holder.communicate("\n", timeout=DEADLINE)
+    join_helper_threads()  # each gets the lock once the holder is gone, and drops it
