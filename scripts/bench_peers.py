@@ -618,6 +618,32 @@ def w_wait_work(st: WorkerState, key: str, pack: str, work: int) -> tuple[float,
     return end / 1e9, end - start
 
 
+def w_wait_helper(st: WorkerState, key: str, pack: str) -> float:
+    """``wait``, blocking in a helper thread's flock as any wait that can give up must.
+
+    A blocking ``flock`` cannot be interrupted, so a wait with a timeout or a cancel
+    event lets a helper thread block in it; the helper then wakes the caller (a bare
+    ``_thread`` lock) and yields the interpreter to it. Reports the moment the caller
+    had the lock: the floor under any interruptible hand-off.
+    """
+    peer = st.peer(key, pack)
+    woken = _thread.allocate_lock()
+    woken.acquire()
+
+    def wait_in_kernel() -> None:
+        peer.acquire()
+        woken.release()
+        time.sleep(0)  # the caller, not this thread's teardown, gets the interpreter
+
+    threading.Thread(target=wait_in_kernel, daemon=True).start()
+    st.conn.send(("note", time.monotonic()))
+    if not woken.acquire(True, MAX_WAIT):
+        raise TimeoutError(f"{key}: waited {MAX_WAIT} s for the handoff (helper thread)")
+    granted = time.monotonic()
+    peer.release()
+    return granted
+
+
 def w_baton(st: WorkerState, n: int, seconds: float, *, before: int, after: int) -> dict[str, Any]:
     """``n`` threads pass a baton round-robin through bare ``_thread`` locks.
 
@@ -971,6 +997,7 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "release": w_release,
     "wait": w_wait,
     "contend": w_contend,
+    "wait_helper": w_wait_helper,
     "timeout_once": w_timeout_once,
     "cancel_once": w_cancel_once,
     "threads": w_threads,

@@ -734,9 +734,11 @@ def _flock_floor_once(b: Bench, n: int, gap: int) -> dict[str, Any]:
     }
 
 
-#: A variant of the hand-off floor: (holder's, waiter's) µs of work, or None for the handoff
-#: scenario's own worker commands (no loop, no loop timing).
-HandoffWork = tuple[int, int] | None
+#: A variant of the hand-off floor: (holder's, waiter's) µs of work, None for the handoff
+#: scenario's own worker commands (no loop, no loop timing), or HELPER: those commands with
+#: the waiter blocking in a helper thread's flock, as an interruptible wait must.
+HandoffWork = tuple[int, int] | str | None
+HELPER = "helper"
 
 
 def _handoff_work_once(
@@ -751,17 +753,19 @@ def _handoff_work_once(
     pool.call(0, "hold", key, pack)
     if variant is None:
         pool.send(1, "wait", key, pack)
+    elif isinstance(variant, str):  # HELPER
+        pool.send(1, "wait_helper", key, pack)
     else:
         pool.send(1, "wait_work", key, pack, loops(variant[1]))
     pool.recv(1, QUICK_CALL, "note")
     time.sleep(SETTLE)  # as _handoff_once: raw flock has no polling period to randomise against
     holder_ns = math.nan
-    if variant is None or not variant[0]:
+    if not isinstance(variant, tuple) or not variant[0]:
         released = pool.call(0, "release", key, pack)
     else:
         released, holder_ns = pool.call(0, "release_work", key, pack, loops(variant[0]))
     got = pool.recv(1, MAX_WAIT + 10)
-    granted, waiter_ns = (got, math.nan) if variant is None else got
+    granted, waiter_ns = got if isinstance(variant, tuple) else (got, math.nan)
     if granted < released:
         b.report.fail("LOCK VIOLATION: raw flock granted the waiter before the holder let go")
     return float(granted - released), float(waiter_ns), float(holder_ns)
@@ -770,7 +774,12 @@ def _handoff_work_once(
 def _floor_handoff(b: Bench, loops: Callable[[int], int], per_us: float) -> None:
     """The floors' third table: raw flock hand-offs whose waiter (or holder) does some work."""
     trials, both = b.s.floor_handoff_trials, FLOOR_HANDOFF_BOTH
-    variants: list[HandoffWork] = [None, *((0, w) for w in FLOOR_HANDOFF_WORK), (both, both)]
+    variants: list[HandoffWork] = [
+        None,
+        HELPER,
+        *((0, w) for w in FLOOR_HANDOFF_WORK),
+        (both, both),
+    ]
     sec = Section(
         "floors_handoff",
         "Floor, hand-off: raw flock with work after the wake",
@@ -783,7 +792,10 @@ def _floor_handoff(b: Bench, loops: Callable[[int], int], per_us: float) -> None
         "the loop with perf_counter_ns (CLOCK_MONOTONIC) on each side, t1 the second read. "
         "Holder W µs: the holder too runs the loop between t0 and its flock(LOCK_UN) (a "
         "library blanking its record before unlocking). The first row is the handoff "
-        "scenario's own commands: t1 the first clock read after the wake, no loop",
+        "scenario's own commands: t1 the first clock read after the wake, no loop; the "
+        "second, the same with the waiter blocked in a helper thread's flock that wakes the "
+        "caller through a bare lock and yields (what a wait with a timeout or a cancel "
+        "event must do, since a blocking flock cannot be interrupted)",
         [
             "raw flock hand-off",
             "holder W µs",
@@ -826,13 +838,15 @@ def _floor_handoff(b: Bench, loops: Callable[[int], int], per_us: float) -> None
     for v, values in took.items():
         if v is None:
             first = ["wake (the handoff scenario's commands)", "", "", ""]
+        elif isinstance(v, str):  # HELPER
+            first = ["wake a helper thread, which wakes the caller", "", "", ""]
         elif not v[0]:
             first = ["wake, loop", "", str(v[1]), str(loops(v[1]))]
         else:
             first = ["loop, unlock | wake, loop", str(v[0]), str(v[1])]
             first.append(f"{loops(v[0])} | {loops(v[1])}")
         sec.rows.append(row(first, med[v], pct(values, 0.9)))
-        name = "commands" if v is None else f"holder{v[0]}_waiter{v[1]}"
+        name = f"holder{v[0]}_waiter{v[1]}" if isinstance(v, tuple) else v or "commands"
         sec.data[name] = {"median": med[v], "p90": pct(values, 0.9), "samples": values}
         sec.data[name] |= {"waiter_loop_ns": waiter[v], "holder_loop_ns": holder[v]}
     sec.data["warm_loop_ns"] = {str(w): values for w, values in warm.items()}
@@ -843,7 +857,7 @@ def _floor_handoff(b: Bench, loops: Callable[[int], int], per_us: float) -> None
             "and raw flock's hand-off beside these floors"
         )
     else:
-        for key in ["grex", "flock"]:
+        for key in ["grex", "grex+timeout", "grex+cancel", "flock"]:
             got = handoff_sec.data.get(key)
             if got is not None:
                 what = f"same run, handoff scenario: {label(key)}"
