@@ -21,20 +21,26 @@ _HOLD = (
 )
 
 
-@pytest.mark.timeout(60)
-def test_a_timeout_retry_loop_reuses_one_helper_and_gets_the_lock_when_freed(
-    tmp_path: Path,
-) -> None:
-    lock = PackLock(tmp_path)
+def _held_elsewhere(lock: PackLock) -> subprocess.Popen[str]:
+    """A process holding ``lock``'s file with raw flock until it reads a line."""
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD, str(lock.path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_retry_loop_reuses_one_helper_and_gets_the_lock_when_freed(
+    tmp_path: Path,
+) -> None:
+    lock = PackLock(tmp_path)
+    holder = _held_elsewhere(lock)
     try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline() == "held\n"
         for attempt in range(20):
             with pytest.raises(LockTimeout):
                 lock.acquire(timeout=0.005)
@@ -71,15 +77,8 @@ def test_helper_threads_block_signals_and_leave_the_callers_mask_alone(tmp_path:
     # A helper left waiting in flock must not take a signal meant for a
     # program that collects its signals with sigwait (grex-locks run does).
     lock = PackLock(tmp_path)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(lock.path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _held_elsewhere(lock)
     try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline() == "held\n"
         before = _blocked_signals(threading.current_thread())
         with pytest.raises(LockTimeout):
             lock.acquire(timeout=0.01)
