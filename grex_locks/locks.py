@@ -47,6 +47,11 @@ def _renew_first_use() -> None:
 os.register_at_fork(after_in_child=_renew_first_use)
 
 
+def first_use_mutex() -> threading.Lock:
+    """The mutex that serialises the first use of unpickled objects (this process's own)."""
+    return _first_use
+
+
 def _describe(value: object) -> str:
     """``value`` in an error message: its (shortened) repr and its type."""
     return f"{_REPR.repr(value)} ({type(value).__name__})"
@@ -100,7 +105,7 @@ class _FileLock:
         # constructor sets the attribute itself. Two threads using such a lock
         # for the first time at once must share one core (each would hold and
         # release through its own), so the core is stored under a mutex.
-        with _first_use:
+        with first_use_mutex():
             core: LockCore | None = self.__dict__.get("_core")
             if core is None:
                 core = self.__dict__["_core"] = self._open_core()

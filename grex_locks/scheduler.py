@@ -31,6 +31,7 @@ sees is built at the end, and names the slots' holders when first read.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import stat
@@ -56,7 +57,7 @@ from ._core.undo import Undo, UndoHandle, held_until_released
 from ._core.waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
 from ._holder_errors import holder_of
 from .errors import LockBusy, LockCancelled, LockIOError, LockTimeout
-from .locks import _checked_cancel
+from .locks import _checked_cancel, first_use_mutex
 
 if TYPE_CHECKING:
     from ._diagnostics.diagnosis import Diagnosis
@@ -290,6 +291,11 @@ class _Permits:
         self.epoch = _now()
 
 
+#: What an unpickled scheduler starts with: never the current epoch, so its first
+#: ``_permits()`` opens its slots directory (see :func:`_rebuild`).
+_NOT_OPENED = _Permits(None)
+_NOT_OPENED.epoch = (-1, -1)
+
 _shared_mutex = threading.Lock()
 #: One state per slots directory (by its bound file's identity), shared by its schedulers.
 _shared: weakref.WeakValueDictionary[FileKey, _Permits] = weakref.WeakValueDictionary()
@@ -430,28 +436,27 @@ class Scheduler:
             logger.warning("Scheduler(parallel=0): no bound on parallel pack operations")
         self._parallel = parallel
         self._slots_dir = Path(slots_dir).absolute() if slots_dir is not None else None
-        self._slots: list[LockCore] = []
-        self._shared_key: FileKey | None = None
-        if self._slots_dir is not None:
-            key = _check_bound(self._slots_dir, parallel)
-            if parallel:
-                self._shared_key = key
-                self._slots = [
-                    LockCore(
-                        self._slots_dir / f"slot-{n}.lock",
-                        tier=Tier.SEMAPHORE,
-                        kind="scheduler slot",
-                    )
-                    for n in range(parallel)
-                ]
-        self._slot_files = [(core.path, core.key) for core in self._slots]
-        where = f", slots_dir={str(self._slots_dir)!r}" if self._slots_dir else ""
-        self._repr = f"Scheduler({parallel}{where})"
+        self._repr = _describe(parallel, self._slots_dir)
+        # Opened here, so that the constructor raises when the directory is
+        # refused or bound to another count; an unpickled one, at first use.
+        self._opened = _open_slots(parallel, self._slots_dir)
         self._permits_now = self._new_permits()
 
+    @functools.cached_property
+    def _opened(self) -> _Slots:
+        # Reached only by a scheduler rebuilt by unpickling (see _rebuild): the
+        # constructor sets the attribute itself. Stored under a mutex, so that
+        # two threads using it first at once share one set of slot locks.
+        with first_use_mutex():
+            opened: _Slots | None = self.__dict__.get("_opened")
+            if opened is None:
+                opened = self.__dict__["_opened"] = _open_slots(self._parallel, self._slots_dir)
+            return opened
+
     def _new_permits(self) -> _Permits:
-        if self._shared_key is not None:
-            return _shared_permits(self._shared_key)
+        key = self._opened.bound_key
+        if key is not None:
+            return _shared_permits(key)
         return _Permits(self._parallel or None)
 
     def _permits(self) -> _Permits:
@@ -475,7 +480,7 @@ class Scheduler:
         permits = self._permits()
         queued = permits.queue.statistics()
         # For a slots directory, the queue's holder is the head of the line, still waiting.
-        waiting = queued.waiting + (queued.holders if self._slots else 0)
+        waiting = queued.waiting + (queued.holders if self._opened.cores else 0)
         return SchedulerStatistics(
             max_parallelism=self.max_parallelism,
             permits_out=len(permits.out),
@@ -504,7 +509,7 @@ class Scheduler:
             enter_tier(undo, Tier.SEMAPHORE, self._slots_dir)
             undo.push(permits.out.pop, token, None)
             slot: Path | None = None
-            if not self._slots:
+            if not self._opened.cores:
                 ticket = Ticket(threading.get_ident(), False)
                 undo.push(permits.queue.leave, ticket)
                 if not permits.queue.enter(ticket, wait, deadline, cancel, None):
@@ -568,7 +573,7 @@ class Scheduler:
 
     def _first_free_slot(self, attempt: _SlotAttempt) -> Hold | None:
         """Try each slot once, without waiting and without diagnosing anyone."""
-        for core in self._slots:
+        for core in self._opened.cores:
             if core.busy_elsewhere():
                 continue
             hold = attempt.take(core, wait=False)
@@ -595,7 +600,7 @@ class Scheduler:
         waits: list[tuple[LockCore, KernelWait, Undo]] = []
         chosen: tuple[LockCore, KernelWait, Undo] | None = None
         try:
-            for core in self._slots:
+            for core in self._opened.cores:
                 own = Undo()
                 attempt.claims.append(own)
                 kernel_wait = kernel_wait_for(
@@ -635,7 +640,7 @@ class Scheduler:
                 f"waiting for a permit of {self} was cancelled after {waited:.3f} s",
             )
         clause = ""
-        if not self._slots:
+        if not self._opened.cores:
             names = list(permits.out.values())
             clause = f": held by threads {', '.join(names)} of this process" if names else ""
         error: PermitsBusy | PermitTimeout
@@ -651,8 +656,8 @@ class Scheduler:
                 None,
                 waited,
             )
-        if self._slots:
-            error._describe = _slot_holders(self._slot_files)
+        if self._opened.cores:
+            error._describe = _slot_holders(self._opened.files)
         return error
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -668,4 +673,48 @@ class Scheduler:
 
 
 def _rebuild(parallel: int, slots_dir: Path) -> Scheduler:
-    return Scheduler(parallel, slots_dir=slots_dir)
+    """A scheduler sent to another process, its slots directory opened at first use there.
+
+    Not by the unpickling: a directory the OS refuses (or bound to another
+    count) would then fail the unpickling itself, which in a
+    ``ProcessPoolExecutor`` worker kills the worker and breaks the whole
+    pool. At first use the refusal is the error of the call that made it.
+    """
+    scheduler = Scheduler.__new__(Scheduler)
+    scheduler._parallel = parallel
+    scheduler._slots_dir = slots_dir
+    scheduler._repr = _describe(parallel, slots_dir)
+    scheduler._permits_now = _NOT_OPENED
+    return scheduler
+
+
+def _describe(parallel: int, slots_dir: Path | None) -> str:
+    where = f", slots_dir={str(slots_dir)!r}" if slots_dir else ""
+    return f"Scheduler({parallel}{where})"
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """A scheduler's slots directory, opened: its slot locks and what identifies its bound."""
+
+    #: One lock per slot file, ``slot-0.lock`` first (none without a slots directory).
+    cores: list[LockCore]
+    #: Each slot's lock file and its identity, in slot order.
+    files: list[tuple[Path, FileKey]]
+    #: The identity of the bound's record (``scheduler.json``), shared by every
+    #: scheduler of this process on the directory; ``None`` without slots.
+    bound_key: FileKey | None
+
+
+def _open_slots(parallel: int, slots_dir: Path | None) -> _Slots:
+    """Check ``slots_dir``'s bound and open its slot files (nothing without a directory)."""
+    if slots_dir is None:
+        return _Slots([], [], None)
+    key = _check_bound(slots_dir, parallel)
+    if not parallel:
+        return _Slots([], [], None)
+    cores = [
+        LockCore(slots_dir / f"slot-{n}.lock", tier=Tier.SEMAPHORE, kind="scheduler slot")
+        for n in range(parallel)
+    ]
+    return _Slots(cores, [(core.path, core.key) for core in cores], key)

@@ -32,6 +32,7 @@ from grex_locks import (
     OWNER_SUFFIX,
     LockBusy,
     LockCancelled,
+    LockIOError,
     LockTimeout,
     Scheduler,
     Tier,
@@ -320,6 +321,32 @@ def test_a_scheduler_with_slots_dir_pickles_and_bounds_pool_workers(tmp_path: Pa
         for future in done:
             _pid, slot, bound, outcome = future.result(timeout=3 * DEADLINE)
             assert (slot, bound, outcome) == ("slot-0.lock", 1, "acquired")
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_a_slots_dir_the_worker_cannot_use_fails_its_task_not_the_pool(
+    tmp_path: Path, method: str
+) -> None:
+    # The slots directory became a file after the scheduler was made: in the
+    # worker, the unpickled scheduler cannot open it. That is the task's error;
+    # a failing unpickling would kill the worker and break the whole pool.
+    slots = tmp_path / "slots"
+    scheduler = Scheduler(1, slots_dir=slots)
+    fine = Scheduler(1, slots_dir=tmp_path / "fine")
+    for leftover in slots.iterdir():
+        leftover.unlink()
+    slots.rmdir()
+    slots.write_text("a file where the slots were\n")
+    copy = pickle.loads(pickle.dumps(scheduler))  # noqa: S301 - bytes we just made
+    assert repr(copy) == repr(scheduler)
+    assert copy.max_parallelism == 1
+    ctx = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        with pytest.raises(LockIOError):
+            pool.submit(permit_in_pool, scheduler).result(timeout=3 * DEADLINE)
+        _pid, slot, bound, outcome = pool.submit(permit_in_pool, fine).result(timeout=3 * DEADLINE)
+        assert (slot, bound, outcome) == ("slot-0.lock", 1, "acquired")
+    assert slots.read_text() == "a file where the slots were\n"
 
 
 def test_a_scheduler_without_slots_dir_refuses_to_pickle() -> None:

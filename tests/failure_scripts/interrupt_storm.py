@@ -345,7 +345,7 @@ class Storm:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         objects = [*self.packs, self.manifest, *self.rival_locks]
         cores = [lock._core for lock in objects]
-        cores += [*self.scheduler._slots, *self.rival_scheduler._slots]
+        cores += [*self.scheduler._opened.cores, *self.rival_scheduler._opened.cores]
         for core in cores:
             # Renew themselves (forget their holds and places) on next use, as in a child.
             core._generation = -1
