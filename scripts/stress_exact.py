@@ -199,6 +199,14 @@ def judge(  # noqa: PLR0911 - one return per verdict
     owner = owner if isinstance(owner, dict) else {}
     shared = bool(getattr(diagnosis, "shared", False))
     extra = holders - expectation.allowed
+    # A holder's own children share its descriptor for a moment: a forked one
+    # until its at-fork handler closes what it inherited (its pid is logged by
+    # the parent first), a child program between its start and the line that
+    # names it, or on its way out. The kernel counts them among the holders,
+    # and so do diagnostics; a child keeping a lock its parent let go is still
+    # caught, as a FREE expectation.
+    parents = {expectation.pid, *expectation.readers}
+    extra -= {h.pid for h in getattr(diagnosis, "holders", []) if getattr(h, "ppid", 0) in parents}
     if kind == "free":
         if state in ("FREE", "STALE_RECORD"):
             return "exact", ""
