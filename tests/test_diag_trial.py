@@ -266,9 +266,11 @@ def test_churn_never_gives_a_self_contradicting_summary(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(DEADLINE)
-    # A holder between holds is a moment's state, and its own record file
-    # (open in the holder) tells it from a foreign one: rarely unknown.
-    assert states.get("UNKNOWN_HOLDER", 0) + states.get("ORPHANED", 0) <= 15, states
+    # A holder between holds is a moment's state: never ORPHANED, and only
+    # sometimes UNKNOWN_HOLDER (~1 % on a quiet machine, up to ~10 % under
+    # load). The bound only catches a verdict gone wholly wrong.
+    assert states.get("ORPHANED", 0) == 0, states
+    assert states.get("UNKNOWN_HOLDER", 0) < 150, states
 
 
 def test_a_record_emptied_by_hand_under_a_live_holder_is_unknown_holder(
