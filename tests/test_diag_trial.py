@@ -26,7 +26,7 @@ from support import CLI, DEADLINE, Holders, check_words, read_line, until
 from grex_locks import LockBusy, PackLock
 from grex_locks._diagnostics.diagnose import diagnose
 from grex_locks._diagnostics.diagnosis import HolderState
-from grex_locks._diagnostics.judge import Probe
+from grex_locks._diagnostics.probe import Probe
 from grex_locks._diagnostics.process_tree import proc_stat
 
 FLOCK = shutil.which("flock")

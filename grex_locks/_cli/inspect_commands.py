@@ -20,8 +20,8 @@ from pathlib import Path
 from grex_locks._core.owner_record import OWNER_SUFFIX
 from grex_locks._diagnostics.diagnose import inspect, lock_path_of
 from grex_locks._diagnostics.diagnosis import Diagnosis, HolderState
-from grex_locks._diagnostics.judge import Probe
 from grex_locks._diagnostics.lock_names import is_lock_name
+from grex_locks._diagnostics.probe import Probe
 from grex_locks._diagnostics.scan import ScanResult, diagnose_found, locks_in, scan
 
 from .display import COMMAND_CELLS, command_line, cut, paragraph, shell, table

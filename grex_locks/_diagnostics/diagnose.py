@@ -17,10 +17,12 @@ from loguru import logger
 from grex_locks._core.lock_file import FileKey
 
 from .diagnosis import Diagnosis
-from .judge import MODE_UNKNOWN, Probe, judge
+from .judge import judge
 from .kernel_lock_table import KernelLock, KernelLockTable
 from .lock_names import PACK_LOCK, is_lock_name
+from .probe import Probe
 from .record_reader import RecordRead, file_type_of, os_problem, read_record
+from .verdicts import MODE_UNKNOWN
 
 #: How many entries of a directory are looked at to name its other locks.
 _LISTING_LIMIT = 4096

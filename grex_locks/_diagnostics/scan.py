@@ -24,9 +24,9 @@ from grex_locks._core.owner_record import OWNER_SUFFIX
 
 from .diagnose import inspect
 from .diagnosis import Diagnosis, HolderState
-from .judge import Probe
 from .kernel_lock_table import KernelLockTable
 from .lock_names import LOCK_FILE_NAMES, is_lock_name
+from .probe import Probe
 from .record_reader import RecordRead, RecordStatus, os_problem
 
 _NO_RECORD = RecordRead(RecordStatus.MISSING)
