@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from loguru import logger
 
+from ._core import slow_waits
 from ._core.fair_queue import FairQueue, Ticket
 from ._core.fork import generation
 from ._core.kernel_wait import KernelWait
@@ -512,7 +513,7 @@ class Scheduler:
             if not self._opened.cores:
                 ticket = Ticket(threading.get_ident(), False)
                 undo.push(permits.queue.leave, ticket)
-                if not permits.queue.enter(ticket, wait, deadline, cancel, None):
+                if not permits.queue.enter(ticket, wait, deadline, cancel, self._slow_wait()):
                     raise self._refusal(permits, wait, started, cancel)
             else:
                 attempt = _SlotAttempt()
@@ -558,16 +559,19 @@ class Scheduler:
         ticket = Ticket(threading.get_ident(), True)
         undo.push(turn.leave, ticket)
         try:
-            if not turn.enter(ticket, False, None, None, None):
-                looked = False
-                if not turn.enter(ticket, True, deadline, cancel, None):
+            # One slow wait from here, whether spent behind another thread of
+            # ours or in the kernel.
+            with slow_waits.watching(self._slow_wait()):
+                if not turn.enter(ticket, False, None, None, None):
+                    looked = False
+                    if not turn.enter(ticket, True, deadline, cancel, None):
+                        return None
+                if remaining(deadline) == 0.0 or is_cancelled(cancel):
                     return None
-            if remaining(deadline) == 0.0 or is_cancelled(cancel):
-                return None
-            hold = None if looked else self._first_free_slot(attempt)
-            if hold is None:
-                hold = self._wait_in_kernel(permits, attempt, deadline, cancel)
-            return hold
+                hold = None if looked else self._first_free_slot(attempt)
+                if hold is None:
+                    hold = self._wait_in_kernel(permits, attempt, deadline, cancel)
+                return hold
         finally:
             turn.leave(ticket)  # the next thread's turn, now
 
@@ -627,6 +631,17 @@ class Scheduler:
             core, wait=True, deadline=deadline, cancel=cancel, granted_wait=kernel_wait
         )
 
+    def _slow_wait(self) -> tuple[object, str]:
+        """What the slow-wait log names for a wait for a permit of this scheduler."""
+        return (_WaitedPermits(self), "a permit of")
+
+    def _holders_now(self) -> str:
+        """Who holds this scheduler's permits now, for a slow wait's log line."""
+        if self._opened.cores:
+            return _slot_holders(self._opened.files)()[0].removeprefix(": ")
+        names = list(self._permits().out.values())
+        return f"held by threads {', '.join(names)} of this process" if names else "free now"
+
     # -- refusals --------------------------------------------------------------------------------
 
     def _refusal(
@@ -670,6 +685,21 @@ class Scheduler:
 
     def __repr__(self) -> str:
         return self._repr
+
+
+class _WaitedPermits:
+    """A scheduler as the slow-wait log shows it: its repr, and who holds its permits."""
+
+    __slots__ = ("_scheduler",)
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def __str__(self) -> str:
+        return repr(self._scheduler)
+
+    def describe_holders(self) -> str:
+        return self._scheduler._holders_now()
 
 
 def _rebuild(parallel: int, slots_dir: Path) -> Scheduler:

@@ -38,6 +38,7 @@ from grex_locks import (
     Tier,
     TierViolation,
 )
+from grex_locks._core import slow_waits
 
 
 class PermitsHeld:
@@ -398,3 +399,39 @@ def test_double_release_is_a_runtime_error(slots_dir: Path | None) -> None:
     with pytest.raises(RuntimeError):
         again.release()
     _assert_exactly(scheduler, 1)
+
+
+# -- logging -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["local", "slots"])
+def test_a_slow_wait_for_a_permit_is_logged_with_who_holds_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # As for a lock: a wait past the slow-wait threshold logs one WARNING that
+    # says what it waits for and who holds it.
+    monkeypatch.setattr(slow_waits, "SLOW_WAIT_SECONDS", 0.2)
+    scheduler = Scheduler(1, slots_dir=tmp_path / "slots" if where == "slots" else None)
+    logged: list[str] = []
+    given_up = threading.Event()
+
+    def sink(message: Any) -> None:
+        if "still waiting" in message.record["message"]:
+            logged.append(message.record["message"])
+            given_up.set()
+
+    handler = logger.add(sink, level="WARNING")
+    logger.enable("grex_locks")
+    try:
+        with PermitsHeld(scheduler, 1), pytest.raises(LockCancelled):
+            scheduler.acquire(timeout=DEADLINE, cancel=given_up)
+    finally:
+        logger.disable("grex_locks")
+        logger.remove(handler)
+    assert len(logged) == 1
+    assert logged[0].startswith("still waiting after ")
+    assert f"for a permit of {scheduler!r}" in logged[0]
+    if where == "slots":
+        assert f"slot-0.lock held by pid {os.getpid()}" in logged[0]
+    else:
+        assert "held by threads permit-0 of this process" in logged[0]

@@ -50,7 +50,12 @@ def describe_holders_with(describe: Callable[[Path], str]) -> None:
 
 
 def _holder_of(path: object) -> str:
-    return _describe_holder(path) if isinstance(path, Path) else "holder unknown"
+    if isinstance(path, Path):
+        return _describe_holder(path)
+    # Something that is not one lock file (a scheduler's permits) says itself
+    # who holds what it waits for.
+    describe = getattr(path, "describe_holders", None)
+    return str(describe()) if callable(describe) else "holder unknown"
 
 
 def _monitor_loop() -> None:
