@@ -822,11 +822,18 @@ def w_many_packs(st: WorkerState, root: str, n: int, n_raw: int) -> dict[str, An
 
 #: Every thread grex_locks starts is named ``grex-locks-...``: how its helpers are counted.
 HELPER_PREFIX = "grex-locks"
+#: The slow-wait log's monitor: one per process, started by the first wait that blocks,
+#: whatever the number of waits or slots; not a helper of any one wait.
+SLOW_WAIT_MONITOR = "grex-locks-slow-waits"
 
 
 def helper_names() -> list[str]:
-    """The names of grex_locks' own threads alive in this process now."""
-    return [t.name for t in threading.enumerate() if t.name.startswith(HELPER_PREFIX)]
+    """The names of grex_locks' waiting helpers alive in this process now (not the monitor)."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith(HELPER_PREFIX) and t.name != SLOW_WAIT_MONITOR
+    ]
 
 
 class _SlotHolders:

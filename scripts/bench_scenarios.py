@@ -1092,7 +1092,8 @@ def scheduler_busy(b: Bench) -> None:
         f"the first, which opens the slot files, shown apart), then {b.s.busy_rounds} round(s) "
         f"of {n} threads calling acquire(timeout={BUSY_TIMEOUT}) at once (each should raise "
         "LockTimeout); grex_locks' helper threads (named grex-locks-*, or else every thread "
-        "beyond the callers) counted every 2 ms with threading.enumerate(); 'left' is what is "
+        "beyond the callers; not the slow-wait log's monitor, one per process whatever the "
+        "waits) counted every 2 ms with threading.enumerate(); 'left' is what is "
         "still alive 0.5 s after a round, and after the holder let go",
         ["figure", "median", "p10-p90", "max", "outcomes / detail"],
     )
