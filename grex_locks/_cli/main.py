@@ -212,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         status: int = args.handler(args)
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None when started with stdout closed (run CMD >&-)
+            sys.stdout.flush()
     except (UserError, LockError) as exc:
         error(str(exc))
         return 2

@@ -34,10 +34,10 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 _TERMINAL_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
 #: ``si_code`` of a signal the kernel itself sent (a terminal's), ``<asm-generic/siginfo.h>``.
 _SI_KERNEL = 0x80
-_COLLECTED = frozenset({*FORWARDED_SIGNALS, signal.SIGCHLD})
-# What the command starts with at their default action, as subprocess's
-# restore_signals gives: Python ignores SIGPIPE and SIGXFSZ, which exec keeps.
-_DEFAULT_IN_COMMAND = (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ)
+# What the command starts with at their default action (besides the forwarded
+# signals, which this process handles), as subprocess's restore_signals gives:
+# Python ignores SIGPIPE and SIGXFSZ, which exec keeps.
+_DEFAULT_IN_COMMAND = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 def _terminal_sent_it() -> bool:
@@ -131,7 +131,7 @@ def _close_inherited(keep: int) -> list[tuple[int, int]]:
     return actions
 
 
-def _spawn(command: list[str], lock_fd: int, mask: Iterable[int]) -> int:
+def _spawn(command: list[str], lock_fd: int, mask: Iterable[int], forwarded: Iterable[int]) -> int:
     """Start ``command`` with ``lock_fd`` inherited, signals unblocked and at their defaults.
 
     posix_spawn sets the child's mask and dispositions before exec, so a
@@ -145,7 +145,7 @@ def _spawn(command: list[str], lock_fd: int, mask: Iterable[int]) -> int:
             os.environ,
             file_actions=_close_inherited(lock_fd),
             setsigmask=mask,
-            setsigdef=_DEFAULT_IN_COMMAND,
+            setsigdef=(*forwarded, *_DEFAULT_IN_COMMAND),
         )
     finally:
         os.set_inheritable(lock_fd, False)
@@ -171,13 +171,20 @@ def run_holding(command: list[str], lock_fd: int) -> int:
     already reached it, and are not sent again).
     """
     forwarder = _Forwarder()
+    # A signal the caller ignores (nohup's SIGHUP; SIGINT and SIGQUIT for a
+    # shell's background job) stays ignored, here and in CMD, as exec keeps it
+    # for any program: it is neither collected, nor passed on, nor reset.
+    forwarded = frozenset(
+        sig for sig in FORWARDED_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN
+    )
+    collected = forwarded | {signal.SIGCHLD}
     # Blocked first, so that threads started from here (the waiter) inherit it.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _COLLECTED)
-    previous = {sig: signal.signal(sig, forwarder.without_info) for sig in FORWARDED_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, collected)
+    previous = {sig: signal.signal(sig, forwarder.without_info) for sig in forwarded}
     try:
-        forwarder.early += [info.si_signo for info in _drain(frozenset(FORWARDED_SIGNALS))]
+        forwarder.early += [info.si_signo for info in _drain(forwarded)]
         try:
-            pid = _spawn(command, lock_fd, mask)
+            pid = _spawn(command, lock_fd, mask, forwarded)
         except FileNotFoundError:
             print(f"grex-locks: error: command not found: {command[0]}", file=sys.stderr)
             return 127
@@ -195,14 +202,14 @@ def run_holding(command: list[str], lock_fd: int) -> int:
         waiter.start()
         forwarder.start(pid)
         while not exited.is_set():
-            info = signal.sigwaitinfo(_COLLECTED)
+            info = signal.sigwaitinfo(collected)
             if info.si_signo != signal.SIGCHLD:
                 forwarder.with_info(info)
         # Set before the reaping: once reaped, the pid may be someone else's.
         forwarder.finished = True
         _, status = os.waitpid(pid, 0)
         waiter.join()
-        _drain(_COLLECTED)  # for the command, which is gone
+        _drain(collected)  # for the command, which is gone
     finally:
         forwarder.finished = True
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
