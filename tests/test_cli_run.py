@@ -69,3 +69,20 @@ def test_run_started_with_stdout_closed_keeps_the_commands_status(tmp_path: Path
     )
     assert result.returncode == 5
     assert b"Traceback" not in result.stderr
+
+
+def test_a_script_without_a_shebang_runs_under_sh(tmp_path: Path) -> None:
+    # As execvp (and util-linux flock) run it: the kernel refuses it (ENOEXEC),
+    # /bin/sh does not.
+    script = tmp_path / "no-shebang"
+    script.write_text('echo "script ran with $1"; exit 4\n')
+    script.chmod(0o755)
+    result = subprocess.run(
+        [*CLI, "run", str(tmp_path), "--", str(script), "arg"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 4, result.stderr
+    assert result.stdout == b"script ran with arg\n"

@@ -21,12 +21,15 @@ see it, so the main thread blocks the signals and collects them with
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import sys
 import threading
 from collections.abc import Iterable
 from types import FrameType
+from typing import Any
 
 #: Signals sent to ``grex-locks run`` that are passed on to its command.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -34,6 +37,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 _TERMINAL_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
 #: ``si_code`` of a signal the kernel itself sent (a terminal's), ``<asm-generic/siginfo.h>``.
 _SI_KERNEL = 0x80
+#: Runs an executable file the kernel cannot (a script without "#!").
+_SHELL = "/bin/sh"
 # What the command starts with at their default action (besides the forwarded
 # signals, which this process handles), as subprocess's restore_signals gives:
 # Python ignores SIGPIPE and SIGXFSZ, which exec keeps.
@@ -138,15 +143,23 @@ def _spawn(command: list[str], lock_fd: int, mask: Iterable[int], forwarded: Ite
     signal pending from the terminal acts on the command as on any program.
     """
     os.set_inheritable(lock_fd, True)
+    options: dict[str, Any] = {
+        "file_actions": _close_inherited(lock_fd),
+        "setsigmask": mask,
+        "setsigdef": (*forwarded, *_DEFAULT_IN_COMMAND),
+    }
     try:
-        return os.posix_spawnp(
-            command[0],
-            command,
-            os.environ,
-            file_actions=_close_inherited(lock_fd),
-            setsigmask=mask,
-            setsigdef=(*forwarded, *_DEFAULT_IN_COMMAND),
-        )
+        try:
+            return os.posix_spawnp(command[0], command, os.environ, **options)
+        except OSError as exc:
+            if exc.errno != errno.ENOEXEC:
+                raise
+        # An executable without "#!" (or any format the kernel knows): a
+        # shell script, run by /bin/sh as execvp and util-linux flock do.
+        script = command[0] if "/" in command[0] else shutil.which(command[0])
+        if script is None:  # pragma: no cover - posix_spawnp just found it
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command[0])
+        return os.posix_spawn(_SHELL, [_SHELL, script, *command[1:]], os.environ, **options)
     finally:
         os.set_inheritable(lock_fd, False)
 
