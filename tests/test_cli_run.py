@@ -38,6 +38,7 @@ def test_a_signal_the_caller_ignores_stays_ignored_in_run_and_its_command(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        bufsize=0,  # unbuffered: read_line selects on the descriptor before each line
         preexec_fn=_ignore_hangups if nohup else None,  # noqa: PLW1509 - a signal disposition only
     )
     try:

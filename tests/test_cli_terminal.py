@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from support import DEADLINE, Holders, finish, read_line, spawn_cli, wait_until_blocked
 
+from grex_locks import HolderState, diagnose
+
 #: Say our pid, then wait for stdin to end; SIGINT/SIGQUIT at their default
 #: action (no core file: this is about the status).
 WAITING = (
@@ -135,13 +137,16 @@ def test_ctrl_c_at_the_terminal_reaches_the_command_once(
     assert term.wait() == 0, term.output
 
 
-def test_ctrl_c_at_the_terminal_ends_the_command_as_by_sigint(
+def test_ctrl_c_at_the_terminal_ends_the_command_and_run_by_sigint(
     tmp_path: Path, terminal: Callable[..., Terminal]
 ) -> None:
+    # run dies of the SIGINT too (after letting go), as a shell expects of a
+    # program a Ctrl-C ended: a loop around run then stops.
     term = terminal("run", str(tmp_path), "--", sys.executable, "-c", WAITING)
     term.expect(r"pid \d+")
     term.type(b"\x03")
-    assert term.wait() == 128 + signal.SIGINT, term.output
+    assert term.wait() == -signal.SIGINT, term.output
+    assert diagnose(tmp_path).state is HolderState.FREE
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])

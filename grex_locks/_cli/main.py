@@ -25,7 +25,7 @@ from grex_locks.locks import PackLock
 
 from .doctor_command import cmd_doctor
 from .inspect_commands import PROG, UserError, cmd_scan, cmd_who, error, existing
-from .run_command import run_holding
+from .run_command import EndedByTerminal, die_of, run_holding
 
 # -- run ------------------------------------------------------------------------
 
@@ -50,10 +50,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (LockBusy, LockTimeout) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    ended_by: int | None = None
     try:
-        return run_holding(command, lock._held_descriptor())
+        status = run_holding(command, lock._held_descriptor())
+    except EndedByTerminal as ended:
+        ended_by, status = ended.signum, 128 + ended.signum
     finally:
         lock.release()
+    if ended_by is not None:
+        return die_of(ended_by)  # after the release: the record is cleared first
+    return status
 
 
 # -- parser ---------------------------------------------------------------------

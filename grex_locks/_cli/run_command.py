@@ -57,6 +57,28 @@ def _terminal_sent_it() -> bool:
     return False
 
 
+class EndedByTerminal(Exception):
+    """CMD died of a signal the terminal sent to it and to ``run`` (Ctrl-C, Ctrl-\\).
+
+    A shell ends a loop (``for p in ...; do grex-locks run ...; done``) only
+    when the program it waited for died of that SIGINT itself; a program that
+    exits 130 instead is taken to have handled it. So once its lock is let
+    go, ``run`` dies of :attr:`signum` too (see :func:`die_of`).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def die_of(signum: int) -> int:
+    """End this process by ``signum`` at its default action; 128+N if it does not end it."""
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # pragma: no cover - the signal ended the process
+
+
 class _Forwarder:
     """Passes signals on to the command once it runs; holds those that came before."""
 
@@ -64,6 +86,8 @@ class _Forwarder:
         self.pid: int | None = None
         self.finished = False
         self.early: list[int] = []
+        #: Signals the terminal sent to the command and to run alike (not passed on).
+        self.from_terminal: set[int] = set()
 
     def start(self, pid: int) -> None:
         self.pid = pid
@@ -81,6 +105,7 @@ class _Forwarder:
             and info.si_code == _SI_KERNEL
             and _same_group(self.pid)
         ):
+            self.from_terminal.add(info.si_signo)
             return
         os.kill(self.pid, info.si_signo)
 
@@ -229,4 +254,6 @@ def run_holding(command: list[str], lock_fd: int) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     code = os.waitstatus_to_exitcode(status)
+    if code < 0 and -code in forwarder.from_terminal:
+        raise EndedByTerminal(-code)
     return 128 - code if code < 0 else code
