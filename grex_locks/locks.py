@@ -12,9 +12,10 @@ import os
 import reprlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from ._core.kernel_wait import blocked_on
 from ._core.primitive import Hold, LockCore
@@ -29,6 +30,7 @@ BACKEND_LOCK_SUFFIX = ".grex-backend.lock"
 MANIFEST_LOCK_FILE_NAME = ".grex.lock"
 
 StrPath = str | os.PathLike[str]
+_T = TypeVar("_T")
 
 #: ``repr`` for error messages: whole for anything ordinary, cut short when huge.
 _REPR = reprlib.Repr()
@@ -47,9 +49,19 @@ def _renew_first_use() -> None:
 os.register_at_fork(after_in_child=_renew_first_use)
 
 
-def first_use_mutex() -> threading.Lock:
-    """The mutex that serialises the first use of unpickled objects (this process's own)."""
-    return _first_use
+def opened_at_first_use(owner: object, attribute: str, opener: Callable[[], _T]) -> _T:
+    """``owner``'s ``attribute``, made by ``opener`` and stored, if no thread stored it first.
+
+    For objects rebuilt by unpickling, which open their files at first use
+    (see :func:`_unpickled`): two threads using one for the first time at
+    once must share what is opened (each would otherwise hold and release
+    through its own), so it is stored under one mutex.
+    """
+    with _first_use:
+        found: _T | None = owner.__dict__.get(attribute)
+        if found is None:
+            found = owner.__dict__[attribute] = opener()
+        return found
 
 
 def _describe(value: object) -> str:
@@ -101,15 +113,8 @@ class _FileLock:
 
     @functools.cached_property
     def _core(self) -> LockCore:
-        # Reached only by a lock rebuilt by unpickling (see _unpickled): the
-        # constructor sets the attribute itself. Two threads using such a lock
-        # for the first time at once must share one core (each would hold and
-        # release through its own), so the core is stored under a mutex.
-        with first_use_mutex():
-            core: LockCore | None = self.__dict__.get("_core")
-            if core is None:
-                core = self.__dict__["_core"] = self._open_core()
-            return core
+        # Reached only by a lock rebuilt by unpickling: the constructor sets it.
+        return opened_at_first_use(self, "_core", self._open_core)
 
     def _open_core(self) -> LockCore:
         return LockCore(

@@ -58,7 +58,7 @@ from ._core.undo import Undo, UndoHandle, held_until_released
 from ._core.waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
 from ._holder_errors import holder_of
 from .errors import LockBusy, LockCancelled, LockIOError, LockTimeout
-from .locks import _checked_cancel, first_use_mutex
+from .locks import _checked_cancel, opened_at_first_use
 
 if TYPE_CHECKING:
     from ._diagnostics.diagnosis import Diagnosis
@@ -446,13 +446,10 @@ class Scheduler:
     @functools.cached_property
     def _opened(self) -> _Slots:
         # Reached only by a scheduler rebuilt by unpickling (see _rebuild): the
-        # constructor sets the attribute itself. Stored under a mutex, so that
-        # two threads using it first at once share one set of slot locks.
-        with first_use_mutex():
-            opened: _Slots | None = self.__dict__.get("_opened")
-            if opened is None:
-                opened = self.__dict__["_opened"] = _open_slots(self._parallel, self._slots_dir)
-            return opened
+        # constructor sets it.
+        return opened_at_first_use(
+            self, "_opened", lambda: _open_slots(self._parallel, self._slots_dir)
+        )
 
     def _new_permits(self) -> _Permits:
         key = self._opened.bound_key

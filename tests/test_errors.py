@@ -505,3 +505,32 @@ def test_threads_refused_together_share_one_diagnosis(
         thread.join(DEADLINE)
     assert len(errors) == n
     assert len(calls) == 1
+
+
+def test_threads_using_an_unpickled_lock_first_at_once_share_it(tmp_path: Path) -> None:
+    # An unpickled lock opens its file at first use; threads racing to that
+    # first use must end up on one lock object (each thread releases what it
+    # took, and they exclude each other).
+    copy = pickle.loads(pickle.dumps(PackLock(tmp_path)))  # noqa: S301 - bytes we just made
+    start = threading.Barrier(8)
+    inside: list[int] = []
+    errors: list[BaseException] = []
+
+    def take_and_leave() -> None:
+        try:
+            start.wait(DEADLINE)
+            for _ in range(20):
+                with copy:
+                    inside.append(1)
+                    assert len(inside) == 1
+                    inside.pop()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=take_and_leave) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert not errors
+    assert not copy.held
