@@ -335,25 +335,38 @@ def test_acquire_all_needs_a_collection_of_locks(tmp_path: Path, given: str) -> 
 
 @pytest.mark.skipif(shutil.which("flock") is None, reason="needs util-linux flock(1)")
 def test_a_group_timeout_reports_the_whole_wait(tmp_path: Path) -> None:
-    # The first lock (in the group's order) is freed after a moment, the
-    # second never: the group waits for both, and its error's `waited` is the
-    # group's wait, at least the timeout, not just the wait for the second.
+    # The first lock (in the group's order) is let go once the group waits for
+    # it, the second never: the group waits for both, and its error's `waited`
+    # is the group's wait, at least the timeout, not just the wait for the second.
     locks = sorted(
         (PackLock(tmp_path / name) for name in ("one", "two")),
         key=lambda lock: (os.stat(lock.path).st_dev, os.stat(lock.path).st_ino),
     )
     first, second = locks
-    # Each in a session of its own: flock's child (sleep) holds the lock too.
+    # Each in a session of its own: flock's child holds the lock too.
     forever = subprocess.Popen(["flock", str(second.path), "sleep", "60"], start_new_session=True)
-    briefly = subprocess.Popen(["flock", str(first.path), "sleep", "0.4"], start_new_session=True)
+    until_told = subprocess.Popen(
+        ["flock", str(first.path), "-c", "read line"],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+    def let_go_once_waited_for() -> None:
+        wait_until_blocked(first.path, os.getpid())
+        assert until_told.stdin is not None
+        until_told.stdin.close()
+
+    letting_go = threading.Thread(target=let_go_once_waited_for)
     try:
         until(lambda: try_lock(first) == try_lock(second) == "LockBusy", "both held")
+        letting_go.start()
         with pytest.raises(LockTimeout) as caught:
             acquire_all([second, first], timeout=1.0)
+        letting_go.join(DEADLINE)
         assert caught.value.waited >= 1.0
         assert caught.value.path == second.path
     finally:
-        for child in (forever, briefly):
+        for child in (forever, until_told):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
             child.wait(DEADLINE)
