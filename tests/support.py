@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -999,6 +999,14 @@ print("ready", flush=True)
 sys.stdin.read()
 """
 
+#: Hold grex_locks.<argv[1]>(argv[2]) through the library; say "ready"; hold until stdin ends.
+LIBRARY_HOLDER = r"""
+import sys, grex_locks
+with getattr(grex_locks, sys.argv[1])(sys.argv[2]):
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
 #: Block waiting for an exclusive flock on argv[1], then report and exit.
 WAITER = r"""
 import fcntl, os, sys
@@ -1038,6 +1046,15 @@ class Holders:
         proc = self.spawn(sys.executable, "-c", HOLDER, str(lock), mode, record, extra)
         if extra == "handoff":
             self.strays.append(int(read_line(proc)))
+        assert read_line(proc) == "ready"
+        return proc
+
+    def hold_with_library(
+        self, kind: str, target: Path, *, as_user: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        """A process holding ``grex_locks.<kind>(target)`` (its owner record written) until
+        its stdin closes; ``as_user`` is a command prefix (``setpriv ...``) to run it as."""
+        proc = self.spawn(*as_user, sys.executable, "-c", LIBRARY_HOLDER, kind, str(target))
         assert read_line(proc) == "ready"
         return proc
 

@@ -100,13 +100,7 @@ def test_who_with_proc_locks_hidden_is_not_free(shared_dir: Path, holders: Holde
 @needs_root
 def test_another_users_holder_is_named_in_a_timeout(shared_dir: Path, holders: Holders) -> None:
     lock = shared_dir / ".grex.lock"
-    code = (
-        "import sys, grex_locks\n"
-        "with grex_locks.ManifestLock(sys.argv[1]):\n"
-        "    print('ready', flush=True); sys.stdin.read()\n"
-    )
-    holder = holders.spawn(*NOBODY, sys.executable, "-c", code, str(lock))
-    assert read_line(holder) == "ready"
+    holder = holders.hold_with_library("ManifestLock", lock, as_user=NOBODY)
     probe = (
         "import sys, grex_locks\n"
         "try:\n"
@@ -279,13 +273,7 @@ def test_a_record_emptied_by_hand_under_a_live_holder_is_unknown_holder(
     # The state table: held, with no record, is UNKNOWN_HOLDER, even when the
     # holder is a grex_locks process that keeps its record file open; only a
     # holder caught between its own writes at every look reads as HELD.
-    code = (
-        "import sys; from grex_locks import PackLock\n"
-        "with PackLock(sys.argv[1]):\n"
-        "    print('ready', flush=True); sys.stdin.read()\n"
-    )
-    proc = holders.spawn(sys.executable, "-c", code, str(tmp_path))
-    assert read_line(proc) == "ready"
+    proc = holders.hold_with_library("PackLock", tmp_path)
     assert diagnose(tmp_path).state is HolderState.HELD
     record = tmp_path / ".grex-lock.owner"
     with open(record, "r+b") as in_place:

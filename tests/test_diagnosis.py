@@ -343,13 +343,7 @@ def test_waiters_are_listed(lock: Path, holders: Holders) -> None:
 
 
 def test_pack_lock_in_a_child_process(tmp_path: Path, holders: Holders) -> None:
-    code = (
-        "import sys; from grex_locks import PackLock\n"
-        "lock = PackLock(sys.argv[1]); lock.acquire()\n"
-        "print('ready', flush=True); sys.stdin.read()\n"
-    )
-    proc = holders.spawn(sys.executable, "-c", code, str(tmp_path))
-    assert read_line(proc) == "ready"
+    proc = holders.hold_with_library("PackLock", tmp_path)
     d = diagnose(tmp_path / ".grex-lock")
     assert d.state is HolderState.HELD
     assert [h.pid for h in d.holders] == [proc.pid]
