@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import DEADLINE, HOLD_BACKSTOP, HeldInThread, PipedChild, hold_until_told, until
+from support import (
+    DEADLINE,
+    HOLD_BACKSTOP,
+    HeldInThread,
+    PipedChild,
+    hold_until_told,
+    third_process_can_take,
+    until,
+)
 
 from grex_locks import (
     BackendLock,
@@ -534,3 +542,5 @@ def test_threads_using_an_unpickled_lock_first_at_once_share_it(tmp_path: Path) 
         thread.join(DEADLINE)
     assert not errors
     assert not copy.held
+    # And nothing was left locked for anyone else (a second core's hold, say).
+    assert third_process_can_take(copy.path)
