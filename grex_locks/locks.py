@@ -37,7 +37,7 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 120
 
 
-#: Serialises the first use of unpickled locks (see ``_FileLock._core``).
+#: Serialises the first use of unpickled locks and schedulers (see :func:`opened_at_first_use`).
 _first_use = threading.Lock()
 
 
