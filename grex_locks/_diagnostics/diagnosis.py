@@ -265,10 +265,6 @@ class Diagnosis:
             return self.diagnosed_at - started
         return None
 
-    def recorded_command(self) -> str:
-        """The command line the record names, short; ``""`` if it names none."""
-        return _short_command(self.recorded("argv"))
-
     def _since(self) -> str:
         thread, age = self.recorded("thread"), self.held_for()
         text = f", thread {thread}" if isinstance(thread, str) and thread else ""
