@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+# ``signal.valid_signals()`` and ``signal.pthread_sigmask`` build an enum
+# member per signal on every call (about 0.2 ms a thread start, on the path
+# of every wait with a timeout); the C functions under them take and give
+# plain numbers.
+_signal = importlib.import_module("_signal")  # no type stubs: it is signal's C half
+#: ``pthread_sigmask``, or None where signal masks do not exist.
+_sigmask: Callable[[int, Iterable[int]], set[int]] | None = getattr(
+    _signal, "pthread_sigmask", None
+)
+_ALL_SIGNALS: frozenset[int] = frozenset(_signal.valid_signals())
 
 
 def surface_interrupt(exc: RuntimeError) -> BaseException:
@@ -31,19 +43,22 @@ def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
     them all in helpers; the new thread inherits the mask it is started with.
     """
     thread = threading.Thread(target=target, name=name, daemon=True)
-    previous = _block_all_signals()
+    if _sigmask is None:
+        _start(thread)
+        return thread
+    # The mask to restore is read before anything changes: an interruption
+    # right after blocking must not leave this thread deaf to every signal.
+    previous = _sigmask(signal.SIG_BLOCK, ())
+    try:
+        _sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+        _start(thread)
+    finally:
+        _sigmask(signal.SIG_SETMASK, previous)
+    return thread
+
+
+def _start(thread: threading.Thread) -> None:
     try:
         thread.start()
     except RuntimeError as exc:
         raise surface_interrupt(exc) from None
-    finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    return thread
-
-
-def _block_all_signals() -> set[int | signal.Signals] | None:
-    """Block every signal in this thread; the mask before, or None where masks do not exist."""
-    if not hasattr(signal, "pthread_sigmask"):
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
