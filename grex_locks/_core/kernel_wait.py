@@ -49,13 +49,27 @@ class _Helper:
         self.mutex = threading.Lock()
         self.owner: KernelWait | None = None
         self.wake: Waitable = Wake()
+        #: :meth:`KernelWait.start` has launched the thread (or tried to:
+        #: an interruption inside ``Thread.start()`` can leave a thread that
+        #: never runs, or one that runs later).
         self.started = False
+        #: The thread is running: it will flock and then finish. Only a running
+        #: helper is left behind for a later taker, who would otherwise wait
+        #: for a thread that never comes.
+        self.running = False
+        #: Settled before the thread ran: the descriptor is (being) closed, so
+        #: a thread that starts late must not touch it.
+        self.dropped = False
         self.finished = False
         self.granted = False
         self.error: BaseException | None = None
 
     def run(self) -> None:
         error: BaseException | None = None
+        with self.mutex:
+            if self.dropped:
+                return
+            self.running = True
         with _idle_mutex:
             _blocked[self.key] = _blocked.get(self.key, 0) + 1
         try:
@@ -135,7 +149,8 @@ class KernelWait:
         with helper.mutex:
             if helper.owner is self:
                 helper.owner = None
-                leave_behind = helper.started and not helper.finished
+                leave_behind = helper.running and not helper.finished
+                helper.dropped = not helper.running
                 self._finishing = not leave_behind
             elif not self._finishing:
                 return
@@ -153,7 +168,7 @@ class KernelWait:
 
 def _claim(helper: _Helper, wake: Waitable, undo: Undo) -> KernelWait | None:
     with helper.mutex:
-        if helper.owner is not None or helper.finished:
+        if helper.owner is not None or helper.finished or helper.dropped:
             return None
         claim = KernelWait(helper, wake)
         # Registered before the claim owns anything: an interruption right
