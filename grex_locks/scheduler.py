@@ -55,7 +55,7 @@ from ._core.lock_file import FileKey, not_a_directory
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier, enter_tier
 from ._core.undo import Undo, UndoHandle, held_until_released
-from ._core.waiting import CancelEvent, deadline_after, is_cancelled, remaining, wait_for
+from ._core.waiting import CancelEvent, Wake, deadline_after, is_cancelled, remaining, wait_for
 from ._holder_errors import holder_of
 from .errors import LockBusy, LockCancelled, LockIOError, LockTimeout
 from .locks import _checked_cancel, opened_at_first_use
@@ -597,7 +597,7 @@ class Scheduler:
         granted it too). Returns ``None`` only when the deadline passed or
         ``cancel`` was set.
         """
-        wake = threading.Event()
+        wake = Wake()
         waits: list[tuple[LockCore, KernelWait, Undo]] = []
         chosen: tuple[LockCore, KernelWait, Undo] | None = None
         try:

@@ -36,11 +36,15 @@ class Waitable(Protocol):
 
 
 class Wake:
-    """A one-shot wake-up for one waiting thread: lighter than ``threading.Event``.
+    """A wake-up for a waiting thread: lighter than ``threading.Event``, and safe from Ctrl-C.
 
     ``Event.wait`` runs a ``Condition`` in Python (a new lock, a waiter list,
     two more acquisitions) on every hand-off; this is one C-level lock that
-    the waiter blocks on and the waker releases. Setting it twice is harmless.
+    the waiter blocks on and the waker releases. A ``Condition`` can also be
+    left locked for good by a ``KeyboardInterrupt`` landing inside its
+    Python-level ``__enter__``, after which every ``set()`` or ``wait()`` on it
+    blocks forever; a C-level lock cannot. Setting it twice is harmless;
+    once set it stays set for every waiter, until :meth:`clear`.
     """
 
     __slots__ = ("_lock", "_set")
@@ -51,14 +55,23 @@ class Wake:
         self._set = False
 
     def set(self) -> None:
-        """Wake the waiter (now, or as soon as it waits)."""
+        """Wake the waiters (now, or as soon as they wait)."""
         self._set = True
         with contextlib.suppress(RuntimeError):  # set already: one wake-up is all there is
             self._lock.release()
 
     def is_set(self) -> bool:
-        """Whether :meth:`set` has been called."""
+        """Whether :meth:`set` has been called (since the last :meth:`clear`)."""
         return self._set
+
+    def clear(self) -> None:
+        """Forget a wake-up, for the one thread that waits again after checking why it woke.
+
+        A :meth:`set` racing with this may survive it as a spurious wake-up,
+        never be lost: the waiter re-checks its condition after every wake.
+        """
+        self._set = False
+        self._lock.acquire(False)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until set or ``timeout`` seconds pass; return whether it was set."""
