@@ -10,6 +10,7 @@ pays one dictionary insert per contended wait and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -26,9 +27,19 @@ from .threads import start_daemon
 SLOW_WAIT_SECONDS = 5.0
 
 _ids = itertools.count()
-_cond = threading.Condition()
+#: Guards the monitor's state. A plain lock, not a ``threading.Condition``:
+#: waits register from the caller's thread, where a Ctrl-C landing inside a
+#: Condition's Python-level ``__enter__`` would leave it locked for good.
+_mutex = threading.Lock()
+#: Released to wake the monitor early (a C-level lock: see ``_mutex``).
+_kick = threading.Lock()
+_kick.acquire()
 _waits: dict[int, tuple[float, object, str]] = {}
 _monitor: threading.Thread | None = None
+#: The running monitor thread's ident. An interruption inside ``Thread.start()``
+#: can leave ``_monitor`` unset while the thread runs anyway (no other is
+#: started then), or never runs (another is); two would log each wait twice.
+_monitor_ident: list[int | None] = [None]
 #: When the monitor will wake by itself (``time.monotonic()``), None: not until notified.
 _monitor_wakes_at: list[float | None] = [0.0]
 
@@ -59,10 +70,14 @@ def _holder_of(path: object) -> str:
 
 
 def _monitor_loop() -> None:
+    with _mutex:
+        if _monitor_ident[0] is not None:
+            return
+        _monitor_ident[0] = threading.get_ident()
     reported: set[int] = set()
     while True:
         due: list[tuple[float, object, str]] = []
-        with _cond:
+        with _mutex:
             reported &= set(_waits)
             now = time.monotonic()
             next_due: float | None = None
@@ -79,8 +94,9 @@ def _monitor_loop() -> None:
                 # Sleep until the next wait turns slow, or (if none is
                 # pending) until one is added.
                 _monitor_wakes_at[0] = None if next_due is None else now + next_due
-                _cond.wait(next_due)
-                continue
+        if not due:
+            _kick.acquire(True, -1 if next_due is None else next_due)
+            continue
         for started, path, kind in due:
             logger.opt(lazy=True).warning(
                 "still waiting after {:.1f} s for {} {}: {}",
@@ -94,9 +110,9 @@ def _monitor_loop() -> None:
 def _register(path: object, kind: str) -> int:
     global _monitor  # noqa: PLW0603 - one monitor thread per process, started lazily
     wait_id = next(_ids)
-    with _cond:
+    with _mutex:
         _waits[wait_id] = (time.monotonic(), path, kind)
-        if _monitor is None:
+        if _monitor is None and _monitor_ident[0] is None:
             _monitor = start_daemon(_monitor_loop, "grex-locks-slow-waits")
         else:
             # Wake the monitor only if it would sleep past this wait's turn:
@@ -104,7 +120,8 @@ def _register(path: object, kind: str) -> int:
             wakes_at = _monitor_wakes_at[0]
             if wakes_at is None or _waits[wait_id][0] + SLOW_WAIT_SECONDS < wakes_at:
                 _monitor_wakes_at[0] = 0.0
-                _cond.notify()
+                with contextlib.suppress(RuntimeError):  # kicked already
+                    _kick.release()
     return wait_id
 
 
@@ -141,10 +158,13 @@ class watching:
 
 def reset_after_fork() -> None:
     """In a forked child: no waits in progress, and no monitor thread yet."""
-    global _monitor, _cond  # noqa: PLW0603 - recreated after fork, like the gate's mutex
-    _cond = threading.Condition()
+    global _monitor, _mutex, _kick  # noqa: PLW0603 - recreated after fork, like the gate's mutex
+    _mutex = threading.Lock()
+    _kick = threading.Lock()
+    _kick.acquire()
     _waits.clear()
     _monitor = None
+    _monitor_ident[0] = None
     _monitor_wakes_at[0] = 0.0
 
 
