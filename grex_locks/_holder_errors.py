@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ._core import slow_waits
 from ._core.lock_file import FileKey
-from ._core.waiting import CancelEvent, is_cancelled
+from ._core.waiting import CancelEvent, Wake, is_cancelled
 from ._diagnostics.diagnose import diagnose, diagnose_busy
 from ._diagnostics.diagnosis import Diagnosis
 from .errors import LockBusy, LockCancelled, LockTimeout
@@ -30,10 +30,14 @@ _SHARED_DIAGNOSIS_WAIT = 1.0
 class _Diagnosing:
     """A diagnosis of one lock file in progress in this process, for others to share."""
 
-    __slots__ = ("done", "result")
+    __slots__ = ("done", "finished", "result")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done = Wake()
+        #: Set first thing when the diagnosing thread is done, with no call
+        #: before it where a Ctrl-C could land: an entry left behind by an
+        #: interruption is then seen as over, and replaced.
+        self.finished = False
         self.result: Diagnosis | None = None
 
 
@@ -59,23 +63,26 @@ def holder_of(path: Path, key: FileKey) -> Diagnosis | None:
     return long after its deadline. The shared one is as recent as the
     refusal.
     """
-    with _in_progress_mutex:
-        diagnosing = _in_progress.get(key)
-        first = diagnosing is None
-        if diagnosing is None:
-            diagnosing = _in_progress[key] = _Diagnosing()
-    if not first:
-        diagnosing.done.wait(_SHARED_DIAGNOSIS_WAIT)
-        return diagnosing.result
+    mine = _Diagnosing()
     try:
-        diagnosing.result = diagnose_busy(path, key)
-    except Exception:  # noqa: BLE001 - a diagnosis is a courtesy, never a second failure
-        diagnosing.result = None
-    finally:
         with _in_progress_mutex:
-            _in_progress.pop(key, None)
-        diagnosing.done.set()
-    return diagnosing.result
+            current = _in_progress.get(key)
+            if current is None or current.finished:
+                _in_progress[key] = current = mine
+        if current is not mine:
+            current.done.wait(_SHARED_DIAGNOSIS_WAIT)
+            return current.result
+        try:
+            mine.result = diagnose_busy(path, key)
+        except Exception:  # noqa: BLE001 - a diagnosis is a courtesy, never a second failure
+            mine.result = None
+        return mine.result
+    finally:
+        mine.finished = True
+        mine.done.set()
+        with _in_progress_mutex:
+            if _in_progress.get(key) is mine:
+                del _in_progress[key]
 
 
 def refusal(

@@ -39,6 +39,7 @@ from grex_locks import (
     WorkspaceBusy,
     _holder_errors,
 )
+from grex_locks._core.waiting import Wake
 
 LOCK_FILE = Path("/srv/packs/alpha/.grex-lock")
 
@@ -484,13 +485,16 @@ def test_threads_refused_together_share_one_diagnosis(
     n = 8
     joined: list[int] = []
 
-    class CountedEvent(threading.Event):
+    class CountedWake(Wake):
+        __slots__ = ()
+
         def wait(self, timeout: float | None = None) -> bool:
             joined.append(1)
             return super().wait(timeout)
 
     def counted(self: Any) -> None:
-        self.done = CountedEvent()
+        self.done = CountedWake()
+        self.finished = False
         self.result = None
 
     monkeypatch.setattr(_holder_errors._Diagnosing, "__init__", counted)
