@@ -24,6 +24,7 @@ that later iterations are judged afresh. Prints one JSON line.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import json
 import os
@@ -41,7 +42,7 @@ from types import FrameType
 from typing import Any
 
 import grex_locks
-from grex_locks import LockError, ManifestLock, PackLock, Scheduler, acquire_all
+from grex_locks import LockError, ManifestLock, PackLock, Scheduler, _holder_errors, acquire_all
 from grex_locks._core.fair_queue import queues_in_use as registry_size
 from grex_locks._core.owner_record import record_path
 from grex_locks._core.tiers import held_tiers
@@ -254,6 +255,9 @@ class Storm:
             found.append(f"{registry_size()} gate entries left")
         if held_tiers():
             found.append(f"tiers {held_tiers()} still held")
+        if _holder_errors._in_progress:
+            # Every later refusal of that lock would wait for it, and name nobody.
+            found.append(f"{len(_holder_errors._in_progress)} diagnoses left in progress")
         for lock in [*self.packs, self.manifest]:
             if lock.held:
                 found.append(f"{lock.path} still held by its object")
@@ -352,6 +356,9 @@ class Storm:
             core.queue._generation = -1
         scheduler.reset_all_after_fork()
         tiers.reset_after_fork()
+        for diagnosing in _holder_errors._in_progress.values():
+            diagnosing.done.set()
+        _holder_errors._in_progress.clear()
         for path in self.files:
             record = record_path(path)
             if record.exists():
@@ -363,6 +370,9 @@ def main() -> None:
     global max_burst
     max_burst = STORM_BURST if mode == "storm" else 1
     signal.signal(signal.SIGALRM, on_alarm)
+    # A wait that never ends (a helper thread that never ran, taken over) is
+    # shown with every thread's stack rather than as a bare test timeout.
+    faulthandler.dump_traceback_later(seconds + 30.0, exit=True)
     storm = Storm(root, mode, seed)
     failures: list[dict[str, Any]] = []
     iterations = 0
