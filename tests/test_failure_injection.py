@@ -202,6 +202,9 @@ def test_an_interrupt_at_each_place_in_turn_leaves_nothing_behind(tmp_path: Path
                 text=True,
             )
         finish(next(iter(running)))
+    unsupported = [str(r["unsupported"]) for r in reports.values() if "unsupported" in r]
+    if unsupported:
+        pytest.skip(unsupported[0])
     for name, report in reports.items():
         assert report["failures"] == [], f"{name}: " + json.dumps(report["failures"][:3], indent=1)
         assert report["watchers_left"] == [], (name, report)
