@@ -347,6 +347,48 @@ def test_prune_never_removes_the_record_of_a_holder_that_came_meanwhile(pack: Pa
     assert removed, "no prune ever won the race: the test did not test it"
 
 
+def test_prune_keeps_a_file_beside_another_that_is_not_an_owner_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Someone's notes.owner beside their notes is no record: scan lists the
+    # pair, but doctor --prune must not delete a file it did not write.
+    (tmp_path / "notes").write_text("draft\n")
+    precious = tmp_path / "notes.owner"
+    precious.write_bytes(b"precious notes, not JSON\n")
+    status, out, _ = cli(capsys, "doctor", str(tmp_path), "--prune")
+    assert precious.read_bytes() == b"precious notes, not JSON\n"
+    assert "kept: not an owner record (not JSON)" in out, out
+    assert status == 0
+
+
+def test_prune_refuses_a_directory_swapped_for_a_symlink_since_the_scan(tmp_path: Path) -> None:
+    # Found by a trial: in a shared directory, a user swaps their own
+    # subdirectory for a symlink to another user's directory between root's
+    # scan and its removal; the removal must not follow it.
+    pack = tmp_path / "shared" / "mine" / "pack"
+    pack.mkdir(parents=True)
+    dying = multiprocessing.get_context("fork").Process(target=_die_holding, args=(str(pack),))
+    dying.start()
+    dying.join(DEADLINE)
+    stale = diagnose(pack / ".grex-lock")
+    assert stale.state is HolderState.STALE_RECORD, stale
+    record_bytes = (pack / ".grex-lock.owner").read_bytes()
+    victim = tmp_path / "victim" / "pack"
+    victim.mkdir(parents=True)
+    (victim / ".grex-lock").write_bytes(b"")
+    (victim / ".grex-lock.owner").write_bytes(record_bytes)
+    (tmp_path / "shared" / "mine").rename(tmp_path / "moved")
+    (tmp_path / "shared" / "mine").symlink_to(tmp_path / "victim")
+    outcome = prune_stale_record(stale)
+    assert not outcome.removed
+    assert "is a symlink" in outcome.reason, outcome
+    assert (victim / ".grex-lock.owner").read_bytes() == record_bytes
+    # Not reached through a symlink, the same kind of record is removed.
+    moved = tmp_path / "moved" / "pack"
+    assert prune_stale_record(diagnose(moved / ".grex-lock")).removed
+    assert not (moved / ".grex-lock.owner").exists()
+
+
 # -- run -----------------------------------------------------------------------------
 
 
