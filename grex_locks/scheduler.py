@@ -51,7 +51,7 @@ from ._core.fair_queue import FairQueue, Ticket
 from ._core.fork import generation
 from ._core.kernel_wait import KernelWait
 from ._core.kernel_wait import kernel_wait as kernel_wait_for
-from ._core.lock_file import FileKey, not_a_directory
+from ._core.lock_file import FileKey, make_directories, not_a_directory
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier, enter_tier
 from ._core.undo import Undo, UndoHandle, held_until_released
@@ -127,7 +127,7 @@ def _record_bound(path: Path, parallel: int) -> tuple[int, FileKey]:
         if found is not None:
             return found
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_directories(path.parent)
             fd, private = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         except OSError as exc:
             raise _bound_io_error(path, "record the scheduler bound in", exc) from exc

@@ -335,6 +335,37 @@ def test_a_creator_with_umask_077_does_not_lock_other_users_out(
         creator.do({"op": "umask", "mask": 0o022})
 
 
+@pytest.mark.parametrize("kind", ["pack", "slots"])
+@pytest.mark.parametrize("umask", [0o077, 0o022], ids=["umask077", "umask022"])
+@pytest.mark.parametrize("sharing", ["sticky", "group"])
+def test_directories_a_lock_creates_are_as_open_as_their_parent(
+    base: Path, users: dict[str, UserServer], sharing: str, umask: int, kind: str
+) -> None:
+    # Found by a trial: the lock file was readable by all, but the missing
+    # directories made on the way followed the creator's umask: with 077 no
+    # other user could reach the lock file; with 022 in a 2775 group
+    # workspace the others could lock but never record themselves.
+    workspace = shared_dir(base, sharing)
+    creator, other = users["nobody"], users["other"]
+    made = workspace / "packs" / "deep"
+    target = made / ("slots" if kind == "slots" else "pack")
+    creator.do({"op": "umask", "mask": umask})
+    try:
+        if kind == "slots":
+            for server in (creator, other):
+                server.do({"op": "permit", "path": str(target)})
+                server.do({"op": "release", "path": str(target)})
+        else:
+            lock_file = target / grex_locks.PACK_LOCK_FILE_NAME
+            hold_and_check(creator, kind, str(target), lock_file)
+            hold_and_check(other, kind, str(target), lock_file)
+    finally:
+        creator.do({"op": "umask", "mask": 0o022})
+    expected = os.stat(workspace).st_mode & 0o7777
+    for directory in (workspace / "packs", made, target):
+        assert os.stat(directory).st_mode & 0o7777 == expected, directory
+
+
 # -- what may sit at the record path --------------------------------------------------------
 
 

@@ -139,6 +139,41 @@ def _readable_by_all(fd: int) -> None:
         pass  # the lock works for its creator all the same
 
 
+def make_directories(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each with its parent's permission bits.
+
+    Not with the umask: a creator with umask 077 would make directories only
+    it can enter, and lock every other user of a shared workspace out of the
+    lock files inside for good; with umask 022 in a group-shared (2775)
+    workspace, a directory its group could not write records in. A created
+    directory is exactly as open as the one it was created in (a private
+    parent keeps it private). Never follows a symlink to change a mode.
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.exists() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for created in reversed(missing):
+        try:
+            os.mkdir(created, 0o700)
+        except FileExistsError:
+            if created.is_dir():
+                continue  # made by someone else just now
+            raise  # a dangling symlink, say: the caller's error names it
+        try:
+            mode = stat.S_IMODE(os.stat(created.parent).st_mode)
+            fd = os.open(created, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # it works for its creator all the same
+        try:
+            os.fchmod(fd, mode)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def open_lock_file(path: Path, *, make_parents: bool = True) -> int:
     """Open (creating if needed) the lock file at ``path``; return the descriptor.
 
@@ -148,7 +183,7 @@ def open_lock_file(path: Path, *, make_parents: bool = True) -> int:
     """
     try:
         if make_parents:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_directories(path.parent)
         fd = _open_or_create(path)
     except OSError as exc:
         raise _refusal(path, exc) from exc
