@@ -361,6 +361,20 @@ def test_prune_keeps_a_file_beside_another_that_is_not_an_owner_record(
     assert status == 0
 
 
+def test_a_file_that_is_no_record_is_explained_as_such_not_as_a_crash(tmp_path: Path) -> None:
+    # A trial found the explanation of any unreadable record claiming a
+    # holder that ended without releasing, and promising --prune removes it.
+    pack = tmp_path / "pack"
+    PackLock(pack).try_acquire().release()
+    (pack / ".grex-lock.owner").write_bytes(b"precious notes, not JSON\n")
+    d = diagnose(pack / ".grex-lock")
+    assert d.state is HolderState.STALE_RECORD, d
+    text = d.explain()
+    assert "is not an owner record (not JSON)" in text, text
+    assert "leaves it alone" in text, text
+    assert "ended without releasing" not in text, text
+
+
 def test_prune_refuses_a_directory_swapped_for_a_symlink_since_the_scan(tmp_path: Path) -> None:
     # Found by a trial: in a shared directory, a user swaps their own
     # subdirectory for a symlink to another user's directory between root's

@@ -16,6 +16,7 @@ from grex_locks._core.owner_record import record_path
 
 from .diagnosis import Diagnosis, Holder, HolderState
 from .lock_names import WORKSPACE_SYNC
+from .record_reader import is_content_problem
 
 
 def explain(d: Diagnosis) -> str:
@@ -146,13 +147,28 @@ def _record_obstacle(d: Diagnosis) -> str:
 def _stale(d: Diagnosis) -> str:
     if d.record_file_type:
         return f"{d.path} is free, but {_record_obstacle(d)}"
-    pid, problem = d.recorded("pid"), d.record_problem
-    stale = f"is unreadable ({problem})" if problem else f"names pid {pid}, which does not hold it"
+    pid, problem, record = d.recorded("pid"), d.record_problem, _record(d)
+    if problem and not is_content_problem(problem):
+        return (
+            f"{d.path} is free, but its owner record {record} cannot be read ({problem}), "
+            "so what is in it cannot be told from here: it may be another user's record, "
+            "blanked at a clean release, or one left by a holder that ended without "
+            "releasing the lock. It is harmless to the lock. `grex-locks doctor --prune`, "
+            "run by a user who may read it, removes it if it is a stale record."
+        )
+    if problem:
+        return (
+            f"{d.path} is free, but the file at its owner record path {record} is not an "
+            f"owner record ({problem}): a file written by something other than grex_locks, "
+            "or a record cut short. It is harmless to the lock: the next holder replaces "
+            "it. `grex-locks doctor --prune` leaves it alone, as it may not be grex_locks' "
+            f"file: if it is a record, remove it with `rm {_q(record)}`."
+        )
     return (
-        f"{d.path} is free, but its owner record {stale}: it was left by a holder that "
-        "ended without releasing the lock (most likely killed), or written by a tool "
-        "outside grex_locks. It is harmless: the next holder replaces it, and "
-        "`grex-locks doctor --prune` removes such records."
+        f"{d.path} is free, but its owner record names pid {pid}, which does not hold it: "
+        "it was left by a holder that ended without releasing the lock (most likely "
+        "killed), or written by a tool outside grex_locks. It is harmless: the next "
+        "holder replaces it, and `grex-locks doctor --prune` removes it."
     )
 
 

@@ -29,7 +29,7 @@ from grex_locks._core.owner_record import record_path
 
 from .diagnosis import Diagnosis, HolderState
 from .kernel_lock_table import KernelLockTable
-from .record_reader import MAX_RECORD_BYTES, RecordStatus, parse_record
+from .record_reader import MAX_RECORD_BYTES, TOO_LARGE, RecordStatus, parse_record
 
 # As a lock object opens its lock file: read-only (flock needs no more), never
 # through a symlink, never hanging on a FIFO; and never created here.
@@ -161,7 +161,7 @@ def _check_is_a_record(directory: int, record_name: str) -> tuple[int, int]:
         os.close(fd)
     read = parse_record(data)
     if read.status is RecordStatus.UNREADABLE or len(data) > MAX_RECORD_BYTES:
-        why = read.problem or "too large"
+        why = read.problem or TOO_LARGE
         raise _Refused(
             f"not an owner record ({why}): maybe not grex_locks' file; left alone "
             "(remove it by hand if it is a record)"

@@ -56,6 +56,27 @@ def encode_check(before: bytes) -> bytes:
     return b"%08x" % zlib.crc32(before)
 
 
+# Why bytes that were read are no owner record (a RecordRead's ``problem``);
+# any other problem says the bytes could not be read at all.
+NOT_JSON = "not JSON"
+NOT_AN_OBJECT = "not a JSON object"
+CHECK_MISMATCH = "its check does not match its text"
+NO_PID = "no integer pid"
+NO_CREATE_TIME = "no finite numeric create_time"
+TOO_LARGE = "too large"
+
+
+def is_content_problem(problem: str) -> bool:
+    """Whether ``problem`` says what was read is no record (else: nothing could be read)."""
+    return problem.startswith(TOO_LARGE) or problem in (
+        NOT_JSON,
+        NOT_AN_OBJECT,
+        CHECK_MISMATCH,
+        NO_PID,
+        NO_CREATE_TIME,
+    )
+
+
 class RecordStatus(enum.Enum):
     """What sat at a record path when it was read."""
 
@@ -130,19 +151,17 @@ def parse_record(data: bytes) -> RecordRead:  # noqa: PLR0911 - one return per v
     try:
         owner = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return RecordRead(RecordStatus.UNREADABLE, problem="not JSON", torn=True)
+        return RecordRead(RecordStatus.UNREADABLE, problem=NOT_JSON, torn=True)
     if not isinstance(owner, dict):
-        return RecordRead(RecordStatus.UNREADABLE, problem="not a JSON object")
+        return RecordRead(RecordStatus.UNREADABLE, problem=NOT_AN_OBJECT)
     if "check" in owner and not _check_matches(body, owner):
-        return RecordRead(
-            RecordStatus.UNREADABLE, owner, "its check does not match its text", torn=True
-        )
+        return RecordRead(RecordStatus.UNREADABLE, owner, CHECK_MISMATCH, torn=True)
     pid = owner.get("pid")
     created = owner.get("create_time")
     if not isinstance(pid, int) or isinstance(pid, bool):
-        return RecordRead(RecordStatus.UNREADABLE, owner, "no integer pid")
+        return RecordRead(RecordStatus.UNREADABLE, owner, NO_PID)
     if not _finite_number(created):
-        return RecordRead(RecordStatus.UNREADABLE, owner, "no finite numeric create_time")
+        return RecordRead(RecordStatus.UNREADABLE, owner, NO_CREATE_TIME)
     return RecordRead(RecordStatus.VALID, owner)
 
 
@@ -198,14 +217,14 @@ def _read_once(target: Path) -> RecordRead:  # noqa: PLR0911 - one return per ve
             kind = file_type_of(st.st_mode)
             return RecordRead(RecordStatus.UNREADABLE, problem=f"a {kind}", file_type=kind)
         if st.st_size > MAX_RECORD_BYTES:
-            return RecordRead(RecordStatus.UNREADABLE, problem=f"too large ({st.st_size} bytes)")
+            return RecordRead(RecordStatus.UNREADABLE, problem=f"{TOO_LARGE} ({st.st_size} bytes)")
         data = os.read(fd, MAX_RECORD_BYTES + 1)
     except OSError as exc:
         return RecordRead(RecordStatus.UNREADABLE, problem=os_problem(exc))
     finally:
         os.close(fd)
     if len(data) > MAX_RECORD_BYTES:
-        return RecordRead(RecordStatus.UNREADABLE, problem="too large")
+        return RecordRead(RecordStatus.UNREADABLE, problem=TOO_LARGE)
     return replace(parse_record(data), uid=st.st_uid, data=data)
 
 
