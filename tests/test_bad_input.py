@@ -33,6 +33,7 @@ from support import (
 )
 
 from grex_locks import (
+    PACK_LOCK_FILE_NAME,
     BackendLock,
     LockCancelled,
     LockIOError,
@@ -328,3 +329,33 @@ def test_run_timeout_inf_waits_for_the_lock(tmp_path: Path, holders: Holders) ->
     status, err = finish(run)
     assert status == 0, err
     assert err == ""
+
+
+# -- what to do about it ---------------------------------------------------------------------------
+
+
+def test_a_refused_lock_file_says_what_to_do(tmp_path: Path) -> None:
+    # Found by a trial: the refusals named the lock but not the fix.
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / PACK_LOCK_FILE_NAME).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(LockIOError) as caught:
+        PackLock(linked)
+    assert f"remove it with `rm {linked / PACK_LOCK_FILE_NAME}`" in str(caught.value)
+    blocked = tmp_path / "blocked"
+    (blocked / PACK_LOCK_FILE_NAME).mkdir(parents=True)
+    with pytest.raises(LockIOError) as caught:
+        PackLock(blocked)
+    assert "a directory sits where the lock file should be (move it away)" in str(caught.value)
+
+
+@pytest.mark.parametrize("command", ["who", "scan", "doctor", "run"])
+def test_an_empty_path_on_the_command_line_is_an_error_not_the_current_directory(
+    command: str,
+) -> None:
+    # An unset shell variable ("$PACK") must not quietly mean ".".
+    argv = [*CLI, command, ""] + (["--", "true"] if command == "run" else [])
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 2, done
+    assert "an empty path names nothing" in done.stderr
+    assert done.stdout == ""

@@ -45,6 +45,10 @@ def existing(name: str) -> Path:
     Only "no such file" is an error here: a path that cannot be looked at
     (permission denied) is left for the diagnosis to report.
     """
+    if not name:
+        # Path("") is ".": an empty argument (an unset shell variable) must
+        # not quietly mean the current directory.
+        raise UserError("an empty path names nothing (an unset variable?)")
     target = Path(name)
     try:
         os.lstat(target)

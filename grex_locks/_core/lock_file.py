@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
 import stat
 from pathlib import Path
 
@@ -90,15 +91,24 @@ def _refusal(path: Path, exc: OSError) -> LockIOError:
     if blocked is not None:
         reason = blocked
     elif exc.errno == errno.ELOOP:
-        reason = "a symlink sits at the lock file's path and lock files are never followed"
+        reason = (
+            "a symlink sits at the lock file's path and lock files are never followed "
+            f"(remove it with `rm {shlex.quote(str(path))}`, or give the real path)"
+        )
     elif exc.errno == errno.EISDIR:
-        reason = "a directory sits where the lock file should be"
+        reason = "a directory sits where the lock file should be (move it away)"
     elif exc.errno in (errno.EACCES, errno.EPERM):
-        reason = "permission denied"
+        reason = (
+            f"permission denied (uid {os.geteuid()} may not open it, or create it in "
+            f"{path.parent}: the directory's owner can open it to you, e.g. a shared group "
+            "and mode 2775)"
+        )
     elif exc.errno == errno.EROFS:
-        reason = "the file system is read-only"
+        reason = "the file system is read-only (lock files must be on a writable one)"
     elif exc.errno in (errno.EMFILE, errno.ENFILE):
-        reason = "out of file descriptors"
+        reason = "out of file descriptors (close some, or raise the limit: ulimit -n)"
+    elif exc.errno == errno.ENAMETOOLONG:
+        reason = "its name is too long for the file system (use a shorter path)"
     else:
         reason = exc.strerror or str(exc)
     return LockIOError(path, f"cannot open lock file {path}: {reason}")
