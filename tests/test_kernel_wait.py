@@ -65,6 +65,32 @@ def test_a_timeout_retry_loop_reuses_one_helper_and_gets_the_lock_when_freed(
     assert kernel_wait.idle_count() == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_retry_loop_with_one_cancel_event_keeps_one_watcher_thread(tmp_path: Path) -> None:
+    # Found by a trial: each acquire(cancel=ev) started its own watcher, which
+    # lingered 0.25 s in ev.wait(): 300 tries of 10 ms left 24 threads (and,
+    # with a Manager Event, 24 connections to the manager) at once.
+    join_helper_threads()  # the watchers of earlier tests' events, each ending within 0.25 s
+    lock = PackLock(tmp_path)
+    holder = _held_elsewhere(lock)
+    cancel = threading.Event()
+    most = 0
+    try:
+        for _ in range(100):
+            with pytest.raises(LockTimeout):
+                lock.acquire(timeout=0.002, cancel=cancel)
+            watchers = [t for t in threading.enumerate() if t.name == "grex-locks-cancel-watch"]
+            most = max(most, len(watchers))
+        # The one watcher still serves a wait that the event then cancels.
+        threading.Timer(0.05, cancel.set).start()
+        with pytest.raises(LockCancelled):
+            lock.acquire(timeout=DEADLINE, cancel=cancel)
+    finally:
+        holder.communicate("\n", timeout=DEADLINE)
+    # (A second one may be seen for a moment: started as the first ended.)
+    assert most <= 2, f"{most} cancel watcher threads at once"
+
+
 def _blocked_signals(thread: threading.Thread) -> int:
     """The signal mask of ``thread`` as the kernel shows it (``SigBlk``), as a bit set."""
     status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import _thread
 import contextlib
 import math
+import os
+import threading
 import time
 from typing import Protocol
 
@@ -20,8 +22,9 @@ from . import slow_waits
 from .threads import start_daemon, surface_interrupt
 
 #: How long a cancel watcher sleeps inside ``cancel.wait()`` before checking
-#: whether its wait is over; it bounds how long an idle watcher thread
-#: outlives the acquire, not how fast a cancel is seen.
+#: whether any wait still needs it; it bounds how long an idle watcher thread
+#: outlives the last wait on its cancel object (a later wait reuses it), not
+#: how fast a cancel is seen.
 _WATCHER_LINGER = 0.25
 
 
@@ -122,29 +125,85 @@ def _wait(event: Waitable, timeout: float | None) -> None:
         raise surface_interrupt(exc) from None
 
 
-class _CancelWatcher:
-    """Sets ``wake`` as soon as ``cancel`` is set, until :meth:`stop`."""
+class _CancelWatch:
+    """One thread watching one cancel object for every wait in this process that uses it.
 
-    def __init__(self, cancel: CancelEvent, wake: Waitable) -> None:
-        self._cancel = cancel
-        self._wake = wake
-        self._done = False
+    A retry loop of short waits with ``cancel=`` would otherwise start a
+    watcher per try, each lingering in ``cancel.wait()`` for up to
+    :data:`_WATCHER_LINGER` (and, for a Manager ``Event``, each holding a
+    connection to the manager). The thread marks itself running; a wait
+    that finds none running starts one (an extra one, started while another
+    was getting going, sees that and ends at once).
+    """
 
-    def start(self) -> None:
-        start_daemon(self._run, "grex-locks-cancel-watch")
+    __slots__ = ("cancel", "thread", "wakes")
 
-    def stop(self) -> None:
-        self._done = True
+    def __init__(self, cancel: CancelEvent) -> None:
+        self.cancel = cancel
+        self.wakes: set[Waitable] = set()
+        self.thread: int | None = None
 
-    def _run(self) -> None:
-        while not self._done and not self._wake.is_set():
-            try:
-                if self._cancel.wait(_WATCHER_LINGER):
-                    self._wake.set()
-                    return
-            except Exception:  # noqa: BLE001 - a broken cancel object (a dead Manager) ends the wait
-                self._wake.set()
+    def run(self) -> None:
+        with _watch_mutex:
+            if self.thread is not None:
                 return
+            self.thread = _thread.get_ident()
+        while True:
+            with _watch_mutex:
+                if not self.wakes:
+                    self._forget()
+                    return
+            try:
+                cancelled = bool(self.cancel.wait(_WATCHER_LINGER))
+            except Exception:  # noqa: BLE001 - a broken cancel object (a dead Manager) ends the waits
+                cancelled = True
+            if cancelled:
+                with _watch_mutex:
+                    wakes = list(self.wakes)
+                    self._forget()
+                for wake in wakes:
+                    wake.set()
+                return
+
+    def _forget(self) -> None:
+        # Under _watch_mutex. A wait registered later starts a new watch.
+        self.thread = None
+        if _watches.get(id(self.cancel)) is self:
+            del _watches[id(self.cancel)]
+
+
+_watch_mutex = threading.Lock()
+#: The watch of each cancel object in use, by ``id()`` (the watch keeps the
+#: object alive, so the id cannot be reused meanwhile).
+_watches: dict[int, _CancelWatch] = {}
+
+
+def _watch(cancel: CancelEvent, wake: Waitable) -> None:
+    """Have ``wake`` set as soon as ``cancel`` is set, until :func:`_unwatch`."""
+    with _watch_mutex:
+        watch = _watches.get(id(cancel))
+        if watch is None:
+            watch = _watches[id(cancel)] = _CancelWatch(cancel)
+        watch.wakes.add(wake)
+        running = watch.thread is not None
+    if not running:
+        start_daemon(watch.run, "grex-locks-cancel-watch")
+
+
+def _unwatch(cancel: CancelEvent, wake: Waitable) -> None:
+    with _watch_mutex:
+        watch = _watches.get(id(cancel))
+        if watch is not None:
+            watch.wakes.discard(wake)
+
+
+def _renew_watches() -> None:
+    global _watch_mutex  # noqa: PLW0603 - a parent thread may have held it at the fork
+    _watch_mutex = threading.Lock()
+    _watches.clear()
+
+
+os.register_at_fork(after_in_child=_renew_watches)
 
 
 def wait_for(
@@ -165,14 +224,14 @@ def wait_for(
         if cancel is None:
             _wait(wake, remaining(deadline))
             return
-        watcher = _CancelWatcher(cancel, wake)
         try:
-            # Inside the try: an interruption while the thread starts must still
-            # stop it, or it would watch the cancel event forever.
-            watcher.start()
+            # Inside the try: an interruption anywhere in it (the thread's
+            # start included) must still unregister, or the cancel object
+            # would be watched for nobody until it is set.
+            _watch(cancel, wake)
             _wait(wake, remaining(deadline))
         finally:
-            watcher.stop()
+            _unwatch(cancel, wake)
 
 
 def is_cancelled(cancel: CancelEvent | None) -> bool:
