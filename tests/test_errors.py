@@ -548,3 +548,24 @@ def test_threads_using_an_unpickled_lock_first_at_once_share_it(tmp_path: Path) 
     assert not copy.held
     # And nothing was left locked for anyone else (a second core's hold, say).
     assert third_process_can_take(copy.path)
+
+
+def _refused_by_the_parent(pack: str) -> LockError:
+    try:
+        PackLock(pack).acquire(timeout=0.05)
+    except LockError as exc:
+        return exc
+    raise AssertionError("granted while the parent holds it")
+
+
+def test_a_workers_error_read_in_the_parent_names_the_holder_truly(tmp_path: Path) -> None:
+    # Found by a trial: the message said "this process's own parent", made in
+    # the worker; read in the parent (the holder), it pointed at its parent.
+    ctx = multiprocessing.get_context("spawn")
+    with PackLock(tmp_path).acquire(), ctx.Pool(1) as pool:
+        error = pool.apply(_refused_by_the_parent, (str(tmp_path),))
+    assert isinstance(error, LockTimeout)
+    message = str(error)
+    assert f"held by pid {os.getpid()} " in message, message
+    assert "— the parent of pid " in message, message
+    assert "this process" not in message, message

@@ -236,10 +236,16 @@ class Diagnosis:
         """The holder with ``pid``, if it is one."""
         return next((h for h in self.holders if h.pid == pid), None)
 
-    def relation(self, pid: object) -> str:
-        """How ``pid`` relates to the process that diagnosed: ``"this process's own parent"``..."""
+    def relation(self, pid: object, *, portable: bool = False) -> str:
+        """How ``pid`` relates to the process that diagnosed: ``"this process's own parent"``...
+
+        ``portable``: in words that stay true wherever they are read. An
+        error's message is made once, in the process refused, and may be
+        read in another (a pool's parent), where "this process" would be
+        wrong; there the asking pid is named instead.
+        """
         me, parent = self.observer
-        here = me == os.getpid()
+        here = me == os.getpid() and not portable
         if pid == parent:
             return "this process's own parent" if here else f"the parent of pid {me}, which asked"
         if pid == me:
@@ -253,7 +259,7 @@ class Diagnosis:
         if marks:
             if holder is not None and holder.stopped:
                 text += ", stopped"
-            relation = self.relation(pid)
+            relation = self.relation(pid, portable=True)
             if relation:
                 text += f" — {relation}"
         return text
@@ -275,7 +281,7 @@ class Diagnosis:
         holder = self.holder(pid)
         if holder is not None and holder.stopped:
             text += f"; it is stopped (`kill -CONT {pid}` continues it)"
-        relation = self.relation(pid)
+        relation = self.relation(pid, portable=True)
         return f"{text} — {relation}" if relation else text
 
     def holder_summary(self) -> str:
