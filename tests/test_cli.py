@@ -375,6 +375,23 @@ def test_a_file_that_is_no_record_is_explained_as_such_not_as_a_crash(tmp_path: 
     assert "ended without releasing" not in text, text
 
 
+def test_prune_through_a_symlinked_root_the_user_gave_still_prunes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The walk refuses symlinks met on the way; the root the user chose is
+    # resolved first, so a workspace reached through a symlink is pruned.
+    pack = tmp_path / "real" / "pack"
+    pack.mkdir(parents=True)
+    dying = multiprocessing.get_context("fork").Process(target=_die_holding, args=(str(pack),))
+    dying.start()
+    dying.join(DEADLINE)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    status, out, _ = cli(capsys, "doctor", str(tmp_path / "link"), "--prune")
+    assert "removed: its lock was free" in out, out
+    assert not (pack / ".grex-lock.owner").exists()
+    assert status == 0
+
+
 def test_prune_refuses_a_directory_swapped_for_a_symlink_since_the_scan(tmp_path: Path) -> None:
     # Found by a trial: in a shared directory, a user swaps their own
     # subdirectory for a symlink to another user's directory between root's

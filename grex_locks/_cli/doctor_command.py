@@ -48,7 +48,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     Only regular-file records are ever removed; anything else at a record
     path (a directory, a symlink, a FIFO) is listed with what to do by hand.
     """
-    result = scan_root(args.root)
+    # Pruning reaches each record without following a symlink, refusing one
+    # met on the way (it may have been swapped in since the scan): so a root
+    # given through a symlink of the user's own choosing is resolved first.
+    result = scan_root(os.path.realpath(args.root) if args.prune and args.root else args.root)
     stale = stale_records(result)
     blocked = [
         d
