@@ -20,10 +20,8 @@ running. Prints one JSON line.
 
 from __future__ import annotations
 
-import contextlib
 import dis
 import faulthandler
-import fcntl
 import functools
 import json
 import os
@@ -38,6 +36,8 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
+from left_behind import files_left, force_free, unfinished_diagnoses
+
 import grex_locks
 from grex_locks import (
     LockBusy,
@@ -45,12 +45,10 @@ from grex_locks import (
     ManifestLock,
     PackLock,
     Scheduler,
-    _holder_errors,
     acquire_all,
 )
 from grex_locks._core import slow_waits
 from grex_locks._core.fair_queue import queues_in_use
-from grex_locks._core.owner_record import record_path
 from grex_locks._core.tiers import held_tiers
 
 LIBRARY = os.path.dirname(os.path.abspath(grex_locks.__file__))
@@ -388,7 +386,7 @@ class Sweep:
         self.let_go()
 
     def _left_behind(self) -> list[str]:
-        return [*self._state_left(), *self._files_left()]
+        return [*self._state_left(), *files_left(self.files)]
 
     def _state_left(self) -> list[str]:
         """What this process still keeps: places, tiers, threads, a changed signal mask."""
@@ -397,10 +395,9 @@ class Sweep:
             found.append(f"{queues_in_use()} gate entries left")
         if held_tiers():
             found.append(f"tiers {held_tiers()} still held")
-        unfinished = [d for d in _holder_errors._in_progress.values() if not d.finished]
-        if unfinished:
+        if unfinished_diagnoses():
             # Later refusals of that lock would wait for it, and name nobody.
-            found.append(f"{len(unfinished)} diagnoses left in progress")
+            found.append(f"{unfinished_diagnoses()} diagnoses left in progress")
         for thread in threading.enumerate():
             # Another one than the monitor (its start interrupted, so started
             # again) must end by itself: two would log every slow wait twice.
@@ -420,44 +417,9 @@ class Sweep:
             found.append("a scheduler permit is still counted in use")
         return found
 
-    def _files_left(self) -> list[str]:
-        """What another process would find: a lock file still locked, a record with content."""
-        found = []
-        for path in self.files:
-            if not path.exists():
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                found.append(f"{path} is still locked in the kernel")
-            finally:
-                os.close(fd)
-            record = record_path(path)
-            if record.exists() and record.read_bytes().strip():
-                found.append(f"{record} has content: {record.read_bytes()[:120]!r}")
-        return found
-
     def _recover(self) -> None:
         """Force everything free after a failure, so that later runs are judged afresh."""
-        from grex_locks import scheduler
-        from grex_locks._core import lock_file, tiers
-
-        for fd in lock_file.owned_descriptors():
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        for core in [*(lock._core for lock in [*self.packs, self.manifest])]:
-            core._generation = -1
-            core.queue._generation = -1
-        scheduler.reset_all_after_fork()
-        tiers.reset_after_fork()
-        for diagnosing in _holder_errors._in_progress.values():
-            diagnosing.done.set()
-        _holder_errors._in_progress.clear()
-        for path in self.files:
-            record = record_path(path)
-            if record.exists():
-                record.write_bytes(b"")
+        force_free(self.files, [lock._core for lock in [*self.packs, self.manifest]])
 
 
 def _set_soon() -> threading.Event:

@@ -23,9 +23,7 @@ that later iterations are judged afresh. Prints one JSON line.
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
-import fcntl
 import json
 import os
 import queue
@@ -41,10 +39,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from left_behind import files_left, force_free, unfinished_diagnoses
+
 import grex_locks
-from grex_locks import LockError, ManifestLock, PackLock, Scheduler, _holder_errors, acquire_all
+from grex_locks import LockError, ManifestLock, PackLock, Scheduler, acquire_all
 from grex_locks._core.fair_queue import queues_in_use as registry_size
-from grex_locks._core.owner_record import record_path
 from grex_locks._core.tiers import held_tiers
 
 LIBRARY = os.path.dirname(os.path.abspath(grex_locks.__file__))
@@ -255,27 +254,16 @@ class Storm:
             found.append(f"{registry_size()} gate entries left")
         if held_tiers():
             found.append(f"tiers {held_tiers()} still held")
-        if _holder_errors._in_progress:
+        if unfinished_diagnoses():
             # Every later refusal of that lock would wait for it, and name nobody.
-            found.append(f"{len(_holder_errors._in_progress)} diagnoses left in progress")
+            found.append(f"{unfinished_diagnoses()} diagnoses left in progress")
         for lock in [*self.packs, self.manifest]:
             if lock.held:
                 found.append(f"{lock.path} still held by its object")
         in_use = self.scheduler.statistics().permits_out
         if in_use:
             found.append(f"{in_use} scheduler permits still counted in use")
-        for path in self.files:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                found.append(f"{path} is still locked in the kernel")
-            finally:
-                os.close(fd)
-            record = record_path(path)
-            if record.exists() and record.read_bytes().strip():
-                found.append(f"{record} has content: {record.read_bytes()[:120]!r}")
-        return found
+        return found + files_left(self.files)
 
     def iterate(self) -> dict[str, Any] | None:
         global armed, phase, burst
@@ -340,29 +328,10 @@ class Storm:
 
     def recover(self) -> None:
         """Force everything free after a failure, so that later iterations are judged afresh."""
-        from grex_locks import scheduler
-        from grex_locks._core import lock_file as lockfile
-        from grex_locks._core import tiers
-
-        for fd in lockfile.owned_descriptors():
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
         objects = [*self.packs, self.manifest, *self.rival_locks]
         cores = [lock._core for lock in objects]
         cores += [*self.scheduler._opened.cores, *self.rival_scheduler._opened.cores]
-        for core in cores:
-            # Renew themselves (forget their holds and places) on next use, as in a child.
-            core._generation = -1
-            core.queue._generation = -1
-        scheduler.reset_all_after_fork()
-        tiers.reset_after_fork()
-        for diagnosing in _holder_errors._in_progress.values():
-            diagnosing.done.set()
-        _holder_errors._in_progress.clear()
-        for path in self.files:
-            record = record_path(path)
-            if record.exists():
-                record.write_bytes(b"")
+        force_free(self.files, cores)
 
 
 def main() -> None:
