@@ -36,7 +36,7 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
-from left_behind import files_left, force_free, unfinished_diagnoses
+from left_behind import files_left, force_free, kept_in_process
 
 import grex_locks
 from grex_locks import (
@@ -48,8 +48,6 @@ from grex_locks import (
     acquire_all,
 )
 from grex_locks._core import slow_waits
-from grex_locks._core.fair_queue import queues_in_use
-from grex_locks._core.tiers import held_tiers
 
 LIBRARY = os.path.dirname(os.path.abspath(grex_locks.__file__))
 #: A diagnosis only looks (it changes no lock) and runs thousands of lines:
@@ -391,13 +389,7 @@ class Sweep:
     def _state_left(self) -> list[str]:
         """What this process still keeps: places, tiers, threads, a changed signal mask."""
         found = _helpers_still_running()
-        if queues_in_use():
-            found.append(f"{queues_in_use()} gate entries left")
-        if held_tiers():
-            found.append(f"tiers {held_tiers()} still held")
-        if unfinished_diagnoses():
-            # Later refusals of that lock would wait for it, and name nobody.
-            found.append(f"{unfinished_diagnoses()} diagnoses left in progress")
+        found += kept_in_process([*self.packs, self.manifest], self.scheduler)
         for thread in threading.enumerate():
             # Another one than the monitor (its start interrupted, so started
             # again) must end by itself: two would log every slow wait twice.
@@ -410,11 +402,6 @@ class Sweep:
             found.append(
                 f"the main thread's signal mask is {signal.pthread_sigmask(signal.SIG_BLOCK, ())}"
             )
-        for lock in [*self.packs, self.manifest]:
-            if lock.held:
-                found.append(f"{lock.path} still held by its object")
-        if self.scheduler.statistics().permits_out:
-            found.append("a scheduler permit is still counted in use")
         return found
 
     def _recover(self) -> None:

@@ -39,12 +39,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from left_behind import files_left, force_free, unfinished_diagnoses
+from left_behind import files_left, force_free, kept_in_process
 
 import grex_locks
 from grex_locks import LockError, ManifestLock, PackLock, Scheduler, acquire_all
-from grex_locks._core.fair_queue import queues_in_use as registry_size
-from grex_locks._core.tiers import held_tiers
 
 LIBRARY = os.path.dirname(os.path.abspath(grex_locks.__file__))
 HERE = os.path.abspath(__file__)
@@ -250,19 +248,7 @@ class Storm:
 
     def problems(self) -> list[str]:
         found = self.helpers_left()
-        if registry_size():
-            found.append(f"{registry_size()} gate entries left")
-        if held_tiers():
-            found.append(f"tiers {held_tiers()} still held")
-        if unfinished_diagnoses():
-            # Every later refusal of that lock would wait for it, and name nobody.
-            found.append(f"{unfinished_diagnoses()} diagnoses left in progress")
-        for lock in [*self.packs, self.manifest]:
-            if lock.held:
-                found.append(f"{lock.path} still held by its object")
-        in_use = self.scheduler.statistics().permits_out
-        if in_use:
-            found.append(f"{in_use} scheduler permits still counted in use")
+        found += kept_in_process([*self.packs, self.manifest], self.scheduler)
         return found + files_left(self.files)
 
     def iterate(self) -> dict[str, Any] | None:

@@ -15,7 +15,9 @@ from typing import Any
 
 from grex_locks import _holder_errors, scheduler
 from grex_locks._core import lock_file, tiers
+from grex_locks._core.fair_queue import queues_in_use
 from grex_locks._core.owner_record import record_path
+from grex_locks._core.tiers import held_tiers
 
 
 def files_left(files: Iterable[Path]) -> list[str]:
@@ -44,6 +46,25 @@ def files_left(files: Iterable[Path]) -> list[str]:
 def unfinished_diagnoses() -> int:
     """Diagnoses left in progress: later refusals of their lock would wait for them."""
     return len([d for d in _holder_errors._in_progress.values() if not d.finished])
+
+
+def kept_in_process(locks: Iterable[Any], permits: Any) -> list[str]:
+    """What this process still keeps: gate places, tiers, diagnoses, holds, permits counted."""
+    found = []
+    if queues_in_use():
+        found.append(f"{queues_in_use()} gate entries left")
+    if held_tiers():
+        found.append(f"tiers {held_tiers()} still held")
+    if unfinished_diagnoses():
+        # Every later refusal of that lock would wait for it, and name nobody.
+        found.append(f"{unfinished_diagnoses()} diagnoses left in progress")
+    for lock in locks:
+        if lock.held:
+            found.append(f"{lock.path} still held by its object")
+    in_use = permits.statistics().permits_out
+    if in_use:
+        found.append(f"{in_use} scheduler permits still counted in use")
+    return found
 
 
 def force_free(files: Iterable[Path], cores: Iterable[Any]) -> None:
