@@ -29,7 +29,7 @@ from grex_locks._core.owner_record import record_path
 
 from .diagnosis import Diagnosis, HolderState
 from .kernel_lock_table import KernelLockTable
-from .record_reader import MAX_RECORD_BYTES, TOO_LARGE, RecordStatus, parse_record
+from .record_reader import RecordStatus, is_content_problem, read_record_once
 
 # As a lock object opens its lock file: read-only (flock needs no more), never
 # through a symlink, never hanging on a FIFO; and never created here.
@@ -145,28 +145,17 @@ def _remove_under_lock(directory: int, lock_name: str, record_name: str) -> None
 
 def _check_is_a_record(directory: int, record_name: str) -> tuple[int, int]:
     """The record file's identity, once its bytes read as an owner record; else _Refused."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(record_name, flags, dir_fd=directory)
-    except OSError as exc:
-        raise _Refused(f"cannot read it: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _Refused("not a regular file; left alone")
-        data = os.read(fd, MAX_RECORD_BYTES + 1)
-    except OSError as exc:
-        raise _Refused(f"cannot read it: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    read = parse_record(data)
-    if read.status is RecordStatus.UNREADABLE or len(data) > MAX_RECORD_BYTES:
-        why = read.problem or TOO_LARGE
+    read = read_record_once(record_name, dir_fd=directory)
+    if read.file_type:
+        raise _Refused("not a regular file; left alone")
+    if read.status is RecordStatus.UNREADABLE and is_content_problem(read.problem):
         raise _Refused(
-            f"not an owner record ({why}): maybe not grex_locks' file; left alone "
+            f"not an owner record ({read.problem}): maybe not grex_locks' file; left alone "
             "(remove it by hand if it is a record)"
         )
-    return (st.st_dev, st.st_ino)
+    if read.key is None:
+        raise _Refused(f"cannot read it: {read.problem or 'it is gone'}")
+    return read.key
 
 
 def stale_records(diagnoses: Iterable[Diagnosis]) -> list[Diagnosis]:

@@ -95,7 +95,8 @@ class RecordRead:
     ``"device"``), else ``""``. ``torn`` says the bytes may be a write caught
     half done (not JSON, or a check that does not match): worth reading again.
     ``uid`` is the record file's owner (``-1`` when it is not a regular file);
-    ``data`` the bytes read (empty when none were).
+    ``data`` the bytes read (empty when none were); ``key`` the identity
+    ``(st_dev, st_ino)`` of the regular file read (``None`` when none was).
     """
 
     status: RecordStatus
@@ -105,6 +106,7 @@ class RecordRead:
     torn: bool = False
     uid: int = -1
     data: bytes = b""
+    key: tuple[int, int] | None = None
 
     def same_as(self, other: RecordRead) -> bool:
         """Whether ``other`` read the very same thing: same kind of file, byte for byte.
@@ -196,16 +198,18 @@ def os_problem(exc: OSError) -> str:
     return f"{text} ({name})" if name else text
 
 
-def _read_once(target: Path) -> RecordRead:  # noqa: PLR0911 - one return per verdict
+def read_record_once(target: Path | str, dir_fd: int | None = None) -> RecordRead:  # noqa: PLR0911 - one return per verdict
+    """Read the record file ``target`` (relative to ``dir_fd``, if given) once, never following."""
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(target, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         return RecordRead(RecordStatus.MISSING)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return RecordRead(RecordStatus.UNREADABLE, problem="a symlink", file_type="symlink")
         try:
-            mode = os.lstat(target).st_mode
+            mode = os.stat(target, dir_fd=dir_fd, follow_symlinks=False).st_mode
         except OSError:
             mode = stat.S_IFREG
         kind = file_type_of(mode)
@@ -225,7 +229,7 @@ def _read_once(target: Path) -> RecordRead:  # noqa: PLR0911 - one return per ve
         os.close(fd)
     if len(data) > MAX_RECORD_BYTES:
         return RecordRead(RecordStatus.UNREADABLE, problem=TOO_LARGE)
-    return replace(parse_record(data), uid=st.st_uid, data=data)
+    return replace(parse_record(data), uid=st.st_uid, data=data, key=(st.st_dev, st.st_ino))
 
 
 def read_record(lock_path: Path) -> RecordRead:
@@ -241,11 +245,11 @@ def read_record(lock_path: Path) -> RecordRead:
 
 def read_record_at(target: Path) -> RecordRead:
     """Read the record file ``target`` itself (see :func:`read_record`)."""
-    read = _read_once(target)
+    read = read_record_once(target)
     for _ in range(READ_ATTEMPTS - 1):
         if not read.torn:
             break
         # Not a sleep: lets a writer preempted on this CPU finish its write.
         os.sched_yield()
-        read = _read_once(target)
+        read = read_record_once(target)
     return read
