@@ -9,10 +9,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from support import DEADLINE, join_helper_threads
+from support import DEADLINE, join_helper_threads, until
 
 from grex_locks import LockCancelled, LockTimeout, PackLock
-from grex_locks._core import kernel_wait
+from grex_locks._core import kernel_wait, waiting
 from grex_locks._core.fair_queue import queues_in_use as registry_size
 
 _HOLD = (
@@ -81,10 +81,19 @@ def test_a_retry_loop_with_one_cancel_event_keeps_one_watcher_thread(tmp_path: P
                 lock.acquire(timeout=0.002, cancel=cancel)
             watchers = [t for t in threading.enumerate() if t.name == "grex-locks-cancel-watch"]
             most = max(most, len(watchers))
-        # The one watcher still serves a wait that the event then cancels.
-        threading.Timer(0.05, cancel.set).start()
+
+        # The one watcher still serves a wait that the event then cancels:
+        # set once that wait is registered with the watch, not after a delay
+        # (set before the wait began, it would be refused without one).
+        def cancel_once_watched() -> None:
+            until(lambda: bool(getattr(waiting._watches.get(id(cancel)), "wakes", ())), "a wait")
+            cancel.set()
+
+        setter = threading.Thread(target=cancel_once_watched)
+        setter.start()
         with pytest.raises(LockCancelled):
             lock.acquire(timeout=DEADLINE, cancel=cancel)
+        setter.join(DEADLINE)
     finally:
         holder.communicate("\n", timeout=DEADLINE)
     # (A second one may be seen for a moment: started as the first ended.)
