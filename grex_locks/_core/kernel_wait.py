@@ -57,9 +57,6 @@ class _Helper:
         #: helper is left behind for a later taker, who would otherwise wait
         #: for a thread that never comes.
         self.running = False
-        #: Settled before the thread ran: the descriptor is (being) closed, so
-        #: a thread that starts late must not touch it.
-        self.dropped = False
         self.finished = False
         self.granted = False
         self.error: BaseException | None = None
@@ -67,7 +64,10 @@ class _Helper:
     def run(self) -> None:
         error: BaseException | None = None
         with self.mutex:
-            if self.dropped:
+            if self.owner is None:
+                # Settled before this thread ran (a helper has an owner from
+                # its creation until then): its descriptor is being closed,
+                # so a thread that starts late must not touch it.
                 return
             self.running = True
         with _idle_mutex:
@@ -150,7 +150,6 @@ class KernelWait:
             if helper.owner is self:
                 helper.owner = None
                 leave_behind = helper.running and not helper.finished
-                helper.dropped = not helper.running
                 self._finishing = not leave_behind
             elif not self._finishing:
                 return
@@ -168,7 +167,7 @@ class KernelWait:
 
 def _claim(helper: _Helper, wake: Waitable, undo: Undo) -> KernelWait | None:
     with helper.mutex:
-        if helper.owner is not None or helper.finished or helper.dropped:
+        if helper.owner is not None or helper.finished:
             return None
         claim = KernelWait(helper, wake)
         # Registered before the claim owns anything: an interruption right
