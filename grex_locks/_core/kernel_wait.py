@@ -18,9 +18,10 @@ longer settle (release or abandon) the helper it once owned.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import os
 import threading
-import time
 from pathlib import Path
 
 from . import lock_file as lockfile
@@ -35,6 +36,10 @@ _idle_mutex = threading.Lock()
 _idle: dict[_IdleKey, list[_Helper]] = {}
 #: How many helper threads are blocked in flock, per lock file (for statistics).
 _blocked: dict[FileKey, int] = {}
+
+#: How long a helper whose grant was taken waits for its taker to say it has
+#: taken its first steps (see _Helper.run); only an interrupted taker is slower.
+TAKER_STEPS_LIMIT = 0.1
 
 
 class _Helper:
@@ -60,6 +65,9 @@ class _Helper:
         self.finished = False
         self.granted = False
         self.error: BaseException | None = None
+        #: Released once the taker of a grant has taken its first steps.
+        self.taker_done = _thread.allocate_lock()
+        self.taker_done.acquire()
 
     def run(self) -> None:
         error: BaseException | None = None
@@ -90,10 +98,12 @@ class _Helper:
             wake = self.wake
         if not abandoned:
             wake.set()
-            # Let the woken caller have the interpreter now: this thread would
-            # otherwise hold it through its own teardown while the caller,
-            # the one the hand-off is for, waits.
-            time.sleep(0)
+            # The woken caller's first steps (its owner record, on caches gone
+            # cold while it slept) make system calls, and each of them lets
+            # any thread that wants the interpreter have it: this thread's
+            # own ending would take it from the caller for about 0.1 ms, on
+            # the hand-off's path. So it ends only once the caller is done.
+            self.taker_done.acquire(timeout=TAKER_STEPS_LIMIT)
             return
         # Nobody wants it any more: drop what the kernel just granted.
         _forget_idle(self)
@@ -138,6 +148,11 @@ class KernelWait:
                 raise helper.error
             return helper.granted
 
+    def taken(self) -> None:
+        """Say that the caller has taken its first steps after the grant: the helper may end."""
+        with contextlib.suppress(RuntimeError):  # said already
+            self._helper.taker_done.release()
+
     def settle(self) -> None:
         """Release the lock if granted, else leave the wait behind; idempotent.
 
@@ -148,6 +163,7 @@ class KernelWait:
         helper = self._helper
         with helper.mutex:
             if helper.owner is self:
+                self.taken()
                 helper.owner = None
                 leave_behind = helper.running and not helper.finished
                 self._finishing = not leave_behind

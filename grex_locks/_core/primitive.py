@@ -423,9 +423,8 @@ class LockCore:
             if not queue.enter(ticket, wait, deadline, cancel, self._watch):
                 hold._unwind()
                 return None
-            if granted_wait is not None:
-                hold.fd = granted_wait.fd
-            elif not self._lock_os(hold, wait, deadline, cancel):
+            got = self._lock_os(hold, wait, deadline, cancel, granted_wait)
+            if not got:
                 hold._unwind()
                 return None
             ticket.granted = True
@@ -440,6 +439,8 @@ class LockCore:
         # After the try, where no signal handler runs: a hold is pinned (kept
         # alive until released) only once its caller is sure to receive it.
         holding[hold] = None
+        if got is not True:
+            got.taken()
         return hold
 
     def _lock_os(
@@ -448,8 +449,17 @@ class LockCore:
         wait: bool,
         deadline: float | None,
         cancel: CancelEvent | None,
-    ) -> bool:
-        """Take the flock for ``hold`` (setting ``hold.fd``); False if not granted."""
+        granted_wait: KernelWait | None,
+    ) -> bool | KernelWait:
+        """Take the flock for ``hold`` (setting ``hold.fd``); False if not granted.
+
+        A grant that came through a helper thread's kernel wait (``granted_wait``,
+        or one started here) returns that wait: the caller tells it
+        (:meth:`KernelWait.taken`) once its first steps with the lock are done.
+        """
+        if granted_wait is not None:
+            hold.fd = granted_wait.fd
+            return granted_wait
         # This object's descriptor, or a private one while another thread uses
         # it: two holds must never share an open file description (unlocking
         # one would unlock the other).
@@ -483,7 +493,7 @@ class LockCore:
         if not kernel_wait.granted():
             return False
         hold.fd = kernel_wait.fd
-        return True
+        return kernel_wait
 
     def busy_elsewhere(self) -> bool:
         """Whether the lock file is held right now through another open file; False if unsure.
