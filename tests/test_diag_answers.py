@@ -21,6 +21,7 @@ import pytest
 from support import CLI, DEADLINE, Holders, check_words, cli, read_line, until
 
 from grex_locks import (
+    LockBusy,
     LockIOError,
     LockTimeout,
     ManifestLock,
@@ -385,11 +386,20 @@ def test_a_record_beside_a_hard_link_is_found_from_the_other_name(
     assert d.record_at == Path(f"{alias}.owner")
     assert "another name of the same file (a hard link)" in d.explain()
     check_words(d)
-    # A name in another directory is not searched (that would walk the file system).
+    # A name in another directory: the holder's open descriptor (/proc) says
+    # which name it took the lock by, so the record is found there too; and
+    # so does the error of an acquire through that name.
     elsewhere = tmp_path / "sub"
     elsewhere.mkdir()
     os.link(original, elsewhere / "state.lock")
-    assert diagnose(elsewhere / "state.lock").state is HolderState.UNKNOWN_HOLDER
+    far = diagnose(elsewhere / "state.lock")
+    assert far.state is HolderState.HELD
+    assert far.record_at == Path(f"{alias}.owner")
+    with pytest.raises(LockBusy) as caught:
+        ManifestLock(elsewhere / "state.lock").try_acquire()
+    assert caught.value.holder is not None
+    assert caught.value.holder.state is HolderState.HELD
+    assert "no usable owner record" not in str(caught.value)
 
 
 # -- the holder is the asking process's own parent -----------------------------------------------

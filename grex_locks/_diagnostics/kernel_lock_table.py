@@ -245,6 +245,20 @@ class ProcessFiles:
         self._by_pid[pid] = files
         return files
 
+    def names(self, pid: int, key: FileKey) -> list[Path]:
+        """The paths by which ``pid`` opened the file ``key`` (that still exist), as /proc says."""
+        found = []
+        for fd in (self.files_of(pid) or {}).get(key, ()):
+            try:
+                target = os.readlink(f"{self._proc}/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            # An unlinked file reads "... (deleted)"; a name in another mount
+            # namespace may not be this one's: the caller checks the identity.
+            if target.startswith("/") and not target.endswith(" (deleted)"):
+                found.append(Path(target))
+        return list(dict.fromkeys(found))
+
     def fd_locked(self, pid: int, fd: int) -> bool | None:
         """Whether descriptor ``fd`` of ``pid`` holds a granted flock; ``None`` if unknowable."""
         return self._fd_flock(pid, fd)[0]

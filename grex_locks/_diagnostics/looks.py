@@ -30,14 +30,21 @@ from .verdicts import _reused_note, _Verdict, _verdict, remote_host
 _OTHER_NAMES_SCAN_LIMIT = 4096
 
 
-def _record_of_another_name(path: Path, key: FileKey) -> tuple[RecordRead, Path] | None:
-    """A valid record beside another name (hard link) of the lock file ``key`` in its directory.
+def _record_of_another_name(
+    path: Path, key: FileKey, opened_as: list[Path]
+) -> tuple[RecordRead, Path] | None:
+    """A valid record beside another name (hard link) of the lock file ``key``.
 
-    Holders write ``<the name they used>.owner``. Only ``path``'s own
-    directory is searched, and at most :data:`_OTHER_NAMES_SCAN_LIMIT` of its
-    entries: a name in another directory is not found (finding it would
-    mean walking the whole file system).
+    Holders write ``<the name they used>.owner``. The names the holders
+    opened the file by (``opened_as``, from /proc) are tried first, then
+    ``path``'s own directory, at most :data:`_OTHER_NAMES_SCAN_LIMIT` of its
+    entries: a name elsewhere that no holder's /proc shows is not found
+    (finding it would mean walking the whole file system).
     """
+    for other in opened_as:
+        found = _valid_record_beside(other, key) if other != path else None
+        if found is not None:
+            return found
     own = path.name + OWNER_SUFFIX
     try:
         with os.scandir(path.parent) as listing:
@@ -47,18 +54,24 @@ def _record_of_another_name(path: Path, key: FileKey) -> tuple[RecordRead, Path]
                 name = entry.name
                 if not name.endswith(OWNER_SUFFIX) or name == own:
                     continue
-                other = path.parent / name[: -len(OWNER_SUFFIX)]
-                try:
-                    st = os.lstat(other)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == key:
-                    read = read_record_at(record_path(other))
-                    if read.status is RecordStatus.VALID:
-                        return read, record_path(other)
+                found = _valid_record_beside(path.parent / name[: -len(OWNER_SUFFIX)], key)
+                if found is not None:
+                    return found
     except OSError:
         return None
     return None
+
+
+def _valid_record_beside(other: Path, key: FileKey) -> tuple[RecordRead, Path] | None:
+    """The valid record beside ``other``, if ``other`` is a name of the lock file ``key`` now."""
+    try:
+        st = os.lstat(other)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != key:
+        return None
+    read = read_record_at(record_path(other))
+    return (read, record_path(other)) if read.status is RecordStatus.VALID else None
 
 
 @dataclass
@@ -107,7 +120,12 @@ def _look(path: Path, key: FileKey, record: RecordRead, probe: Probe, links: int
     verdict = _verdict(record, key, held, probe)
     record_at = None
     if held and links > 1 and verdict.state in (HolderState.UNKNOWN_HOLDER, HolderState.ORPHANED):
-        found = _record_of_another_name(path, key)
+        opened_as = [
+            name
+            for pid in probe.files.holders(key, taker_pids, waiter_pids)
+            for name in probe.files.names(pid, key)
+        ]
+        found = _record_of_another_name(path, key, opened_as)
         if found is not None:
             again = _verdict(found[0], key, held, probe)
             if again.state is HolderState.HELD:
