@@ -275,6 +275,22 @@ def test_a_non_file_at_the_lock_path_is_explained_as_acquire_fails(
         assert diagnose(tmp_path).state is HolderState.HELD
 
 
+def test_a_device_at_the_lock_path_is_never_to_be_moved(capsys: pytest.CaptureFixture[str]) -> None:
+    # Found by a trial: `who /dev/null` told the reader (root, perhaps) to
+    # `mv /dev/null /dev/null.moved`. A device is the system's: the fix is
+    # another path for the lock.
+    d = diagnose(Path("/dev/null"))
+    assert d.lock_file_type == "device"
+    assert d.state is HolderState.UNREADABLE
+    text = " ".join(d.explain().split())
+    assert "mv " not in text
+    assert "leave the device alone" in text
+    check_words(d)
+    status, out, _ = cli(capsys, "who", "/dev/null")
+    assert status == 1
+    assert "mv " not in out
+
+
 def test_a_directory_at_the_record_path_is_explained_as_acquire_and_doctor_behave(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, holders: Holders
 ) -> None:

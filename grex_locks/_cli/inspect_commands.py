@@ -203,12 +203,14 @@ def summary_line(result: ScanResult, shown: int) -> str:
 
 
 def report_incomplete(result: ScanResult) -> None:
-    """Say on stderr that parts of the tree could not be read, if any could not."""
+    """Say on stderr which paths are listed as UNREADABLE, if any are (the exit status is 2)."""
     unreadable = result.unreadable
     if unreadable:
+        # Not only "could not be read": a FIFO or a directory at a lock path
+        # was read well enough to know no lock can be taken there.
         print(
-            f"{PROG}: {len(unreadable)} path(s) could not be read, so the answer is "
-            f"incomplete; first: {unreadable[0].note}",
+            f"{PROG}: {len(unreadable)} path(s) listed as UNREADABLE: they could not be read, "
+            f"or no usable lock file sits there; first: {unreadable[0].note}",
             file=sys.stderr,
         )
 

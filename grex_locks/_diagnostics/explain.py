@@ -99,6 +99,13 @@ def _unusable(d: Diagnosis, *, held: bool = False) -> str:
             f"{path} raises LockIOError. If you meant the lock it points to, diagnose that "
             f"path instead, or {_move_aside(path, kind)}"
         )
+    elif kind == "device":
+        # A device node is the system's (/dev/null, say): moving it would
+        # break far more than a lock. The lock belongs somewhere else.
+        what = (
+            f"every acquire of {path} raises LockIOError, and always will: leave the device "
+            "alone and give the lock a path of its own (a regular file, created by the lock)"
+        )
     else:
         what = (
             f"every acquire of {path} raises LockIOError until it is gone: "
