@@ -24,7 +24,10 @@ figure, the peers' figures from the same run, and whether it was met. The
 thread locks and raw flock allow at all (a first-come-first-served baton among
 4 threads; 4 processes re-taking one flock after G µs between unlock and lock;
 a raw flock hand-off whose waiter runs W µs of Python right after its wake-up),
-the floors under the 4-thread, 4-process and hand-off targets.
+the floors under the 4-thread, 4-process and hand-off targets; and it runs the
+threads scenario's loop once more with its process pinned to one CPU, where no
+hand-off between threads crosses CPUs. ``scripts/profile_handoff.py`` shows,
+step by step, where a hand-off's time goes in the process that gets the lock.
 
 The process exits non-zero when a lock let two holders in at once where it
 promises not to, when a scenario failed, or when grex_locks could not be

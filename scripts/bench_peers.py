@@ -480,9 +480,27 @@ def w_cancel_once(st: WorkerState, key: str, pack: str, after: float) -> float:
 
 
 def w_threads(
-    st: WorkerState, key: str, pack: str, *, counter: str, n: int, seconds: float
+    st: WorkerState,
+    key: str,
+    pack: str,
+    *,
+    counter: str,
+    n: int,
+    seconds: float,
+    cpu: int | None = None,
 ) -> dict[str, Any]:
-    """``n`` threads, each with its own lock object on one path, incrementing one counter."""
+    """``n`` threads, each with its own lock object on one path, incrementing one counter.
+
+    ``cpu``: the threads run on that CPU only (they inherit this thread's
+    affinity, which is restored afterwards), so that no hand-off crosses CPUs.
+    """
+    if cpu is not None:
+        allowed = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cpu})
+        try:
+            return w_threads(st, key, pack, counter=counter, n=n, seconds=seconds)
+        finally:
+            os.sched_setaffinity(0, allowed)
     peers = [make(key, Path(pack)) for _ in range(n)]
     fd = os.open(counter, os.O_RDWR)
     guard = threading.Lock()

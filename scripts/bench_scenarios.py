@@ -633,21 +633,7 @@ def threads(b: Bench) -> None:
     results: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
     for rep in range(b.s.thread_reps):
         for key in rotated(keys, rep):
-            pack = b.pack("threads", key)
-            counter = b.counter(pack)
-            result = b.workers(1).call(
-                0,
-                "threads",
-                key,
-                str(pack),
-                counter=str(counter),
-                n=n,
-                seconds=b.s.thread_seconds,
-                timeout=b.s.thread_seconds + MAX_WAIT + 10,
-            )
-            if result["hung"]:
-                b.drop_workers()  # a thread is stuck in that worker for good
-            results[key].append(result)
+            results[key].append(_threads_run(b, key, n, b.s.thread_seconds))
     each = {key: [sum(r["cycles"]) / r["elapsed"] for r in rs] for key, rs in results.items()}
     rates = {key: median(values) for key, values in each.items()}
     for key, rs in results.items():
@@ -700,6 +686,36 @@ def threads(b: Bench) -> None:
         else f"portalocker.Lock {ref:,.0f}; portalocker blocking "
         f"{rates.get('portalocker-blocking', math.nan):,.0f}; raw flock {floor:,.0f}",
     )
+
+
+#: The locks the floors scenario also runs with the threads scenario's loop on one CPU.
+PINNED = ("grex", "portalocker")
+
+
+def _can_pin() -> bool:
+    """Whether this machine can pin a process to one CPU, and has more than one."""
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
+
+
+def _threads_run(
+    b: Bench, key: str, n: int, seconds: float, cpu: int | None = None
+) -> dict[str, Any]:
+    """One run of the threads scenario's loop in a bench worker (``cpu``: pinned to that CPU)."""
+    pack = b.pack("threads", key)
+    result: dict[str, Any] = b.workers(1).call(
+        0,
+        "threads",
+        key,
+        str(pack),
+        counter=str(b.counter(pack)),
+        n=n,
+        seconds=seconds,
+        cpu=cpu,
+        timeout=seconds + MAX_WAIT + 10,
+    )
+    if result["hung"]:
+        b.drop_workers()  # a thread is stuck in that worker for good
+    return result
 
 
 def _baton_once(b: Bench, n: int, before: int, after: int) -> float:
@@ -972,6 +988,7 @@ def floors(b: Bench) -> None:
     baton = [("after", w) for w in BATON_WORK] + [("before", w) for w in BATON_WORK if w]
     handoffs: dict[tuple[str, int], list[float]] = {v: [] for v in baton}
     runs: dict[int, list[dict[str, Any]]] = {g: [] for g in FLOCK_GAPS}
+    one_cpu: dict[str, list[float]] = {key: [] for key in b.keys(PINNED, th)} if _can_pin() else {}
     for rep in range(reps):
         order = ["threads", "processes"] if rep % 2 == 0 else ["processes", "threads"]
         for kind in order:
@@ -979,6 +996,11 @@ def floors(b: Bench) -> None:
                 for where, w in rotated(baton, rep):
                     before, after = (loops(w), 0) if where == "before" else (0, loops(w))
                     handoffs[where, w].append(_baton_once(b, n, before, after))
+                for key in rotated(list(one_cpu), rep):
+                    pinned_run = _threads_run(b, key, n, seconds, cpu=0)
+                    if pinned_run["hung"]:
+                        b.report.fail(f"floors: {label(key)} hung in the threads loop")
+                    one_cpu[key].append(sum(pinned_run["cycles"]) / pinned_run["elapsed"])
             else:
                 for gap in rotated(FLOCK_GAPS, rep):
                     runs[gap].append(_flock_floor_once(b, n, loops(gap)))
@@ -1021,6 +1043,16 @@ def floors(b: Bench) -> None:
         th.notes.append(
             "the threads scenario's rows are cycles/s of acquire + counter increment (pread + "
             "pwrite) + release, each of its 4 threads with its own lock object on one path"
+        )
+    for key, values in one_cpu.items():
+        pinned = median(values)
+        row = [f"threads scenario on one CPU: {label(key)}", "", "", f"{pinned:,.0f}"]
+        th.rows.append([*row, _span(values), _each_us(pinned), ratio(pinned, floor0)])
+    if one_cpu:
+        th.notes.append(
+            "'on one CPU': the threads scenario's loop with its worker process pinned to CPU 0, "
+            "so that no hand-off between threads crosses CPUs: what a wake-up on another CPU "
+            "(and its cold caches) costs a first-come-first-served lock"
         )
     th.notes.append(
         f"busy work: {per_us:.1f} loop iterations per µs (`for _ in range(k): pass`, the "
