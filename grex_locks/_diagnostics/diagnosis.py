@@ -125,6 +125,8 @@ def clean(text: str, limit: int = 60) -> str:
 
 
 def _printable(text: str) -> str:
+    if text.isprintable():  # the common case, tested in C; a command line can be 8 KiB
+        return text
     return "".join(c if c.isprintable() else " " for c in text)
 
 
@@ -140,8 +142,15 @@ def _short_command(argv: object) -> str:
     """
     if not isinstance(argv, list) or not argv:
         return ""
-    words = [os.path.basename(str(argv[0])), *(str(word) for word in argv[1:])]
-    return _cut(shlex.join(_printable(word) for word in words), 60)
+    limit = 60
+    quoted: list[str] = []
+    length = -1
+    for word in [os.path.basename(str(argv[0])), *argv[1:]]:
+        quoted.append(shlex.quote(_printable(str(word))))
+        length += len(quoted[-1]) + 1
+        if length > limit:
+            break  # the rest would be cut off anyway
+    return _cut(" ".join(quoted), limit)
 
 
 def _observer() -> tuple[int, int]:
