@@ -17,9 +17,11 @@ from pathlib import Path
 
 from ._core import slow_waits
 from ._core.lock_file import FileKey
+from ._core.owner_record import record_path
 from ._core.waiting import CancelEvent, Wake, is_cancelled
 from ._diagnostics.diagnose import diagnose, diagnose_busy
-from ._diagnostics.diagnosis import Diagnosis
+from ._diagnostics.diagnosis import Diagnosis, HolderState
+from ._diagnostics.record_reader import RecordStatus, read_record_at
 from .errors import LockBusy, LockCancelled, LockTimeout
 
 #: How long a refused thread waits for a diagnosis another thread is making
@@ -83,6 +85,41 @@ def holder_of(path: Path, key: FileKey) -> Diagnosis | None:
         with _in_progress_mutex:
             if _in_progress.get(key) is mine:
                 del _in_progress[key]
+
+
+class EarlyDiagnosis:
+    """The holder of a lock diagnosed while a wait for it runs out, for its timeout error.
+
+    Passed as a wait's ``near_deadline`` (see :func:`._core.waiting.wait_for`):
+    diagnosing after the deadline would make the timeout late by as long as
+    that takes (2-3 ms on a cache gone cold in the wait). At the deadline,
+    :meth:`holder` gives the early diagnosis only if it is still exactly
+    true — a holder its record names, whose record is byte for byte the one
+    read then (a holder blanks its record before it lets go, and a new hold
+    writes a new ``acquired_at``) — and diagnoses afresh otherwise.
+    """
+
+    __slots__ = ("_key", "_made", "_path", "_result")
+
+    def __init__(self, path: Path, key: FileKey) -> None:
+        self._path = path
+        self._key = key
+        self._made = False
+        self._result: Diagnosis | None = None
+
+    def __call__(self) -> None:
+        if not self._made:  # a wait in the queue, then one in the kernel: once is enough
+            self._made = True
+            self._result = holder_of(self._path, self._key)
+
+    def holder(self) -> Diagnosis | None:
+        """The diagnosis for an error now: the early one if it still holds, else a new one."""
+        early = self._result
+        if early is not None and early.state is HolderState.HELD and early.owner is not None:
+            now = read_record_at(early.record_at or record_path(self._path))
+            if now.status is RecordStatus.VALID and now.owner == early.owner:
+                return early
+        return holder_of(self._path, self._key)
 
 
 def refusal(

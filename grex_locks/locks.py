@@ -21,7 +21,7 @@ from ._core.kernel_wait import blocked_on
 from ._core.primitive import Hold, LockCore
 from ._core.tiers import Tier
 from ._core.waiting import CancelEvent, deadline_after
-from ._holder_errors import holder_of, refusal
+from ._holder_errors import EarlyDiagnosis, holder_of, refusal
 from .errors import LockBusy, WorkspaceBusy
 
 PACK_LOCK_FILE_NAME = ".grex-lock"
@@ -175,8 +175,14 @@ class _FileLock:
         if started is None:
             started = time.monotonic()
         core = self._core
+        early = EarlyDiagnosis(core.path, core.key) if wait and deadline is not None else None
         hold = core.take(
-            shared=shared, wait=wait, deadline=deadline, cancel=cancel, tier_taken=tier_taken
+            shared=shared,
+            wait=wait,
+            deadline=deadline,
+            cancel=cancel,
+            tier_taken=tier_taken,
+            near_deadline=early,
         )
         if hold is not None:
             return hold
@@ -186,7 +192,7 @@ class _FileLock:
             wait=wait,
             started=started,
             cancel=cancel,
-            holder=functools.partial(holder_of, core.path, core.key),
+            holder=early.holder if early else functools.partial(holder_of, core.path, core.key),
             busy_error=core.busy_error,
         )
 

@@ -9,6 +9,7 @@ import multiprocessing.connection
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from support import (
     DEADLINE,
     HOLD_BACKSTOP,
     HeldInThread,
+    Holders,
     PipedChild,
     hold_until_told,
     third_process_can_take,
@@ -27,6 +29,8 @@ from support import (
 
 from grex_locks import (
     BackendLock,
+    Diagnosis,
+    HolderState,
     LockBusy,
     LockCancelled,
     LockError,
@@ -39,7 +43,9 @@ from grex_locks import (
     WorkspaceBusy,
     _holder_errors,
 )
-from grex_locks._core.waiting import Wake
+from grex_locks._core.lock_file import FileKey
+from grex_locks._core.waiting import Wake, wait_for
+from grex_locks._diagnostics.diagnose import diagnose_busy as diagnose_busy_of_record
 
 LOCK_FILE = Path("/srv/packs/alpha/.grex-lock")
 
@@ -451,10 +457,12 @@ def test_a_failed_flock_is_a_lock_io_error_with_the_os_error_as_cause(tmp_path: 
 def _count_diagnoses(monkeypatch: pytest.MonkeyPatch, slow_until: Callable[[], bool]) -> list[Path]:
     """Count the holder diagnoses refusals ask for; each waits for ``slow_until()`` (a slow one)."""
     calls: list[Path] = []
+    real = diagnose_busy_of_record
 
-    def diagnose_busy(path: Path, key: object) -> None:
+    def diagnose_busy(path: Path, key: FileKey) -> Diagnosis:
         calls.append(path)
         until(slow_until, "the other refusals to join the diagnosis in progress")
+        return real(path, key)
 
     monkeypatch.setattr(_holder_errors, "diagnose_busy", diagnose_busy)
     return calls
@@ -516,6 +524,49 @@ def test_threads_refused_together_share_one_diagnosis(
     for thread in threads:
         thread.join(DEADLINE)
     assert len(errors) == n
+    assert len(calls) == 1
+
+
+def test_a_timeout_names_the_holder_found_before_the_deadline_only_while_it_still_holds(
+    tmp_path: Path, holders: Holders
+) -> None:
+    # The holder is diagnosed shortly before the deadline, so that the
+    # timeout is raised on time; at the deadline that diagnosis is used only
+    # if its record is still byte for byte there. Here the holder changes in
+    # between (one process lets go, another takes it): the error must name
+    # the new one.
+    lock = PackLock(tmp_path)
+    first = holders.hold_with_library("PackLock", tmp_path)
+    early = _holder_errors.EarlyDiagnosis(lock.path, lock._core.key)
+    early()
+    then = early.holder()
+    assert then is not None
+    assert then.state is HolderState.HELD
+    assert [h.pid for h in then.holders] == [first.pid]
+    assert first.stdin is not None
+    first.stdin.close()
+    first.wait(DEADLINE)
+    second = holders.hold_with_library("PackLock", tmp_path)
+    now = early.holder()
+    assert now is not None
+    assert now.state is HolderState.HELD
+    assert [h.pid for h in now.holders] == [second.pid]
+    # And the whole path: a timeout names the holder of the moment.
+    with pytest.raises(LockTimeout) as caught:
+        lock.acquire(timeout=0.05)
+    assert f"pid {second.pid}" in str(caught.value)
+
+
+def test_a_wait_calls_its_near_deadline_once_and_only_while_still_waiting() -> None:
+    calls: list[float] = []
+    wake = Wake()
+    deadline = time.monotonic() + 0.05
+    wait_for(wake, deadline, None, near_deadline=lambda: calls.append(time.monotonic()))
+    assert len(calls) == 1
+    assert calls[0] < deadline
+    assert time.monotonic() >= deadline
+    wake.set()  # granted before the deadline drew near: nothing to prepare
+    wait_for(wake, time.monotonic() + 0.05, None, near_deadline=lambda: calls.append(0.0))
     assert len(calls) == 1
 
 

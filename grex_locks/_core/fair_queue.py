@@ -22,6 +22,7 @@ import os
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .fork import generation
@@ -102,13 +103,16 @@ class FairQueue:
         deadline: float | None,
         cancel: CancelEvent | None,
         watch: tuple[object, str] | None,
+        *,
+        near_deadline: Callable[[], object] | None = None,
     ) -> bool:
         """Admit ``ticket`` now, or (if ``wait``) once it reaches the head and fits.
 
         The caller registers :meth:`leave` for ``ticket`` *before* calling, so
         that an exception at any moment (a ``KeyboardInterrupt`` between two
         bytecodes included) is undone by it. Returns whether it was admitted;
-        ``watch`` names the wait for the slow-wait log.
+        ``watch`` names the wait for the slow-wait log; ``near_deadline``: see
+        :func:`.waiting.wait_for`.
         """
         if self._generation != generation.value:
             self._renew_if_forked()
@@ -123,7 +127,7 @@ class FairQueue:
                 return False
             ticket.wake = wake = Wake()
             self._waiting.append(ticket)
-        wait_for(wake, deadline, cancel, watch)
+        wait_for(wake, deadline, cancel, watch, near_deadline)
         # Admitted or not, leave() (already registered) sets things right; an
         # admission that lands after this read is given back by it just the same.
         return ticket.admitted

@@ -386,6 +386,7 @@ class LockCore:
         cancel: CancelEvent | None = None,
         tier_taken: bool = False,
         granted_wait: KernelWait | None = None,
+        near_deadline: Callable[[], object] | None = None,
     ) -> Hold | None:
         """Take the lock, or return ``None`` if it was not granted; see the module docstring.
 
@@ -397,7 +398,8 @@ class LockCore:
         ``granted_wait`` is a kernel wait of the caller's that the kernel
         already granted (a scheduler waiting for any of its slots): the hold
         adopts its descriptor, and releases it with the hold — or at once,
-        if the acquire fails.
+        if the acquire fails. ``near_deadline`` is called once if a wait is
+        still going shortly before ``deadline`` (see :func:`.waiting.wait_for`).
         """
         if self._generation != generation.value:
             self._renew_if_forked()
@@ -420,10 +422,19 @@ class LockCore:
                 hold._tier_token = token = object()
                 push_tier(token, self.tier, self.path)
             hold._ticket = ticket = Ticket(me, not shared)
-            if not queue.enter(ticket, wait, deadline, cancel, self._watch):
+            if not queue.enter(
+                ticket, wait, deadline, cancel, self._watch, near_deadline=near_deadline
+            ):
                 hold._unwind()
                 return None
-            got = self._lock_os(hold, wait, deadline, cancel, granted_wait)
+            got = self._lock_os(
+                hold,
+                wait,
+                deadline,
+                cancel,
+                granted_wait=granted_wait,
+                near_deadline=near_deadline,
+            )
             if not got:
                 hold._unwind()
                 return None
@@ -449,7 +460,9 @@ class LockCore:
         wait: bool,
         deadline: float | None,
         cancel: CancelEvent | None,
+        *,
         granted_wait: KernelWait | None,
+        near_deadline: Callable[[], object] | None,
     ) -> bool | KernelWait:
         """Take the flock for ``hold`` (setting ``hold.fd``); False if not granted.
 
@@ -489,7 +502,7 @@ class LockCore:
             return True
         kernel_wait = kernel_wait_for(fd, self.path, self.key, hold.extra(), shared=shared)
         kernel_wait.start()
-        wait_for(kernel_wait.wake, deadline, cancel, self._watch)
+        wait_for(kernel_wait.wake, deadline, cancel, self._watch, near_deadline)
         if not kernel_wait.granted():
             return False
         hold.fd = kernel_wait.fd

@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from . import slow_waits
@@ -26,6 +27,11 @@ from .threads import start_daemon, surface_interrupt
 #: outlives the last wait on its cancel object (a later wait reuses it), not
 #: how fast a cancel is seen.
 _WATCHER_LINGER = 0.25
+
+#: How long before its deadline a wait calls its ``near_deadline`` (see
+#: wait_for): longer than describing a lock's holder takes on a cold cache
+#: (2-3 ms), so that a timeout is raised on time with the holder named.
+NEAR_DEADLINE = 0.005
 
 
 class Waitable(Protocol):
@@ -211,27 +217,43 @@ def wait_for(
     deadline: float | None,
     cancel: CancelEvent | None,
     watch: tuple[object, str] | None = None,
+    near_deadline: Callable[[], object] | None = None,
 ) -> None:
     """Block until ``wake`` is set, ``deadline`` passes, or ``cancel`` is set.
 
     The one way grex_locks waits for an event. The caller decides afterwards,
     under its own mutex, which of them it was. ``watch`` (the lock file and
     what it is) registers the wait with the slow-wait log while it lasts.
+    ``near_deadline`` is called once, in the waiting thread, when the wait is
+    still going :data:`NEAR_DEADLINE` seconds before its deadline: work the
+    caller would otherwise do after the deadline (describing the holder, for
+    the error) is done while the wait runs out.
     """
     if cancel is not None and is_cancelled(cancel):
         return
     with slow_waits.watching(watch):
         if cancel is None:
-            _wait(wake, remaining(deadline))
+            _wait_until(wake, deadline, near_deadline)
             return
         try:
             # Inside the try: an interruption anywhere in it (the thread's
             # start included) must still unregister, or the cancel object
             # would be watched for nobody until it is set.
             _watch(cancel, wake)
-            _wait(wake, remaining(deadline))
+            _wait_until(wake, deadline, near_deadline)
         finally:
             _unwatch(cancel, wake)
+
+
+def _wait_until(
+    wake: Waitable, deadline: float | None, near_deadline: Callable[[], object] | None
+) -> None:
+    if deadline is not None and near_deadline is not None:
+        _wait(wake, max(0.0, deadline - NEAR_DEADLINE - time.monotonic()))
+        if wake.is_set():
+            return
+        near_deadline()
+    _wait(wake, remaining(deadline))
 
 
 def is_cancelled(cancel: CancelEvent | None) -> bool:
