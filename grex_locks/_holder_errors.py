@@ -21,7 +21,8 @@ from ._core.owner_record import record_path
 from ._core.waiting import CancelEvent, Wake, is_cancelled
 from ._diagnostics.diagnose import diagnose, diagnose_busy
 from ._diagnostics.diagnosis import Diagnosis, HolderState
-from ._diagnostics.record_reader import RecordStatus, read_record_at
+from ._diagnostics.kernel_lock_table import ProcessFiles
+from ._diagnostics.record_reader import RecordRead, read_record_at
 from .errors import LockBusy, LockCancelled, LockTimeout
 
 #: How long a refused thread waits for a diagnosis another thread is making
@@ -87,39 +88,69 @@ def holder_of(path: Path, key: FileKey) -> Diagnosis | None:
                 del _in_progress[key]
 
 
+#: How long a diagnosis for an error took lately, in this process (seconds): the
+#: head start an early one needs (see EarlyDiagnosis.lead).
+_recent_diagnosis = [0.0025]
+
+
 class EarlyDiagnosis:
     """The holder of a lock diagnosed while a wait for it runs out, for its timeout error.
 
     Passed as a wait's ``near_deadline`` (see :func:`._core.waiting.wait_for`):
     diagnosing after the deadline would make the timeout late by as long as
-    that takes (2-3 ms on a cache gone cold in the wait). At the deadline,
-    :meth:`holder` gives the early diagnosis only if it is still exactly
-    true — a holder its record names, whose record is byte for byte the one
-    read then (a holder blanks its record before it lets go, and a new hold
-    writes a new ``acquired_at``) — and diagnoses afresh otherwise.
+    that takes (2-3 ms on a quiet machine, on caches gone cold in the wait;
+    10 ms and more on a busy one). So it starts :attr:`lead` seconds early,
+    twice what diagnoses took lately. At the deadline, :meth:`holder` gives
+    that diagnosis only while it is still true, and diagnoses afresh
+    otherwise: the lock is held exclusively (a shared lock can gain readers
+    unseen), the owner record is byte for byte the one read before it (a
+    holder blanks its record before it lets go, a new hold writes a new
+    ``acquired_at``), and every holder it named still holds the lock (a
+    recorded holder killed while its child keeps the lock is gone).
     """
 
-    __slots__ = ("_key", "_made", "_path", "_result")
+    __slots__ = ("_key", "_made", "_path", "_record", "_result")
 
     def __init__(self, path: Path, key: FileKey) -> None:
         self._path = path
         self._key = key
         self._made = False
+        self._record: RecordRead | None = None
         self._result: Diagnosis | None = None
 
+    @property
+    def lead(self) -> float:
+        """Seconds before the deadline to begin: twice a recent diagnosis, 5 to 50 ms."""
+        return min(0.05, max(0.005, 2 * _recent_diagnosis[0]))
+
     def __call__(self) -> None:
-        if not self._made:  # a wait in the queue, then one in the kernel: once is enough
-            self._made = True
-            self._result = holder_of(self._path, self._key)
+        if self._made:  # a wait in the queue, then one in the kernel: once is enough
+            return
+        self._made = True
+        began = time.monotonic()
+        self._record = read_record_at(record_path(self._path))
+        self._result = holder_of(self._path, self._key)
+        # Smoothed, so that one slow diagnosis does not set every later lead.
+        _recent_diagnosis[0] += (time.monotonic() - began - _recent_diagnosis[0]) / 4
 
     def holder(self) -> Diagnosis | None:
         """The diagnosis for an error now: the early one if it still holds, else a new one."""
-        early = self._result
-        if early is not None and early.state is HolderState.HELD and early.owner is not None:
-            now = read_record_at(early.record_at or record_path(self._path))
-            if now.status is RecordStatus.VALID and now.owner == early.owner:
-                return early
+        early, before = self._result, self._record
+        if early is not None and before is not None and self._still_true(early, before):
+            return early
         return holder_of(self._path, self._key)
+
+    def _still_true(self, early: Diagnosis, before: RecordRead) -> bool:
+        if early.shared or not early.holders or early.state not in _HELD_STATES:
+            return False
+        if not read_record_at(record_path(self._path)).same_as(before):
+            return False
+        files = ProcessFiles()
+        return all(files.holds(holder.pid, self._key) is True for holder in early.holders)
+
+
+#: The states of a held lock whose diagnosis names the holders (see EarlyDiagnosis).
+_HELD_STATES = frozenset({HolderState.HELD, HolderState.ORPHANED, HolderState.UNKNOWN_HOLDER})
 
 
 def refusal(

@@ -175,7 +175,11 @@ class _FileLock:
         if started is None:
             started = time.monotonic()
         core = self._core
-        early = EarlyDiagnosis(core.path, core.key) if wait and deadline is not None else None
+        # Not with a cancel event: a cancel set while the early diagnosis
+        # runs would be seen only once it is done.
+        early = None
+        if wait and deadline is not None and cancel is None:
+            early = EarlyDiagnosis(core.path, core.key)
         hold = core.take(
             shared=shared,
             wait=wait,

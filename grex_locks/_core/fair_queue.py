@@ -22,12 +22,11 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .fork import generation
 from .lock_file import FileKey
-from .waiting import CancelEvent, Wake, wait_for
+from .waiting import CancelEvent, NearDeadline, Wake, wait_for
 
 
 class Ticket:
@@ -104,7 +103,7 @@ class FairQueue:
         cancel: CancelEvent | None,
         watch: tuple[object, str] | None,
         *,
-        near_deadline: Callable[[], object] | None = None,
+        near_deadline: NearDeadline | None = None,
     ) -> bool:
         """Admit ``ticket`` now, or (if ``wait``) once it reaches the head and fits.
 

@@ -50,7 +50,7 @@ from .kernel_wait import kernel_wait as kernel_wait_for
 from .owner_record import RecordFile
 from .tiers import Tier, pop_tier, push_tier
 from .undo import ReleasedOnExit, Undo, holding
-from .waiting import CancelEvent, is_cancelled, remaining, wait_for
+from .waiting import CancelEvent, NearDeadline, is_cancelled, remaining, wait_for
 
 
 class _HoldSteps(ReleasedOnExit):
@@ -386,7 +386,7 @@ class LockCore:
         cancel: CancelEvent | None = None,
         tier_taken: bool = False,
         granted_wait: KernelWait | None = None,
-        near_deadline: Callable[[], object] | None = None,
+        near_deadline: NearDeadline | None = None,
     ) -> Hold | None:
         """Take the lock, or return ``None`` if it was not granted; see the module docstring.
 
@@ -462,7 +462,7 @@ class LockCore:
         cancel: CancelEvent | None,
         *,
         granted_wait: KernelWait | None,
-        near_deadline: Callable[[], object] | None,
+        near_deadline: NearDeadline | None,
     ) -> bool | KernelWait:
         """Take the flock for ``hold`` (setting ``hold.fd``); False if not granted.
 

@@ -16,7 +16,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 from . import slow_waits
@@ -27,11 +26,6 @@ from .threads import start_daemon, surface_interrupt
 #: outlives the last wait on its cancel object (a later wait reuses it), not
 #: how fast a cancel is seen.
 _WATCHER_LINGER = 0.25
-
-#: How long before its deadline a wait calls its ``near_deadline`` (see
-#: wait_for): longer than describing a lock's holder takes on a cold cache
-#: (2-3 ms), so that a timeout is raised on time with the holder named.
-NEAR_DEADLINE = 0.005
 
 
 class Waitable(Protocol):
@@ -90,6 +84,16 @@ class Wake:
             self._lock.release()  # stays set for any later wait()
             return True
         return self._set
+
+
+class NearDeadline(Protocol):
+    """Work a wait with a deadline does shortly before it, in the waiting thread (see wait_for)."""
+
+    #: How many seconds before the deadline it is called.
+    @property
+    def lead(self) -> float: ...
+
+    def __call__(self) -> object: ...
 
 
 class CancelEvent(Protocol):
@@ -217,7 +221,7 @@ def wait_for(
     deadline: float | None,
     cancel: CancelEvent | None,
     watch: tuple[object, str] | None = None,
-    near_deadline: Callable[[], object] | None = None,
+    near_deadline: NearDeadline | None = None,
 ) -> None:
     """Block until ``wake`` is set, ``deadline`` passes, or ``cancel`` is set.
 
@@ -225,7 +229,7 @@ def wait_for(
     under its own mutex, which of them it was. ``watch`` (the lock file and
     what it is) registers the wait with the slow-wait log while it lasts.
     ``near_deadline`` is called once, in the waiting thread, when the wait is
-    still going :data:`NEAR_DEADLINE` seconds before its deadline: work the
+    still going ``near_deadline.lead`` seconds before its deadline: work the
     caller would otherwise do after the deadline (describing the holder, for
     the error) is done while the wait runs out.
     """
@@ -245,11 +249,9 @@ def wait_for(
             _unwatch(cancel, wake)
 
 
-def _wait_until(
-    wake: Waitable, deadline: float | None, near_deadline: Callable[[], object] | None
-) -> None:
+def _wait_until(wake: Waitable, deadline: float | None, near_deadline: NearDeadline | None) -> None:
     if deadline is not None and near_deadline is not None:
-        _wait(wake, max(0.0, deadline - NEAR_DEADLINE - time.monotonic()))
+        _wait(wake, max(0.0, deadline - near_deadline.lead - time.monotonic()))
         if wake.is_set():
             return
         near_deadline()
