@@ -443,6 +443,8 @@ class LockCore:
                 hold._recorded = True
                 self._record.write(self.tier, hold)
             self._holds[me] = hold
+            if got is not True:
+                got.taken()
         except BaseException:
             with contextlib.suppress(BaseException):
                 hold._unwind()
@@ -450,8 +452,6 @@ class LockCore:
         # After the try, where no signal handler runs: a hold is pinned (kept
         # alive until released) only once its caller is sure to receive it.
         holding[hold] = None
-        if got is not True:
-            got.taken()
         return hold
 
     def _lock_os(
