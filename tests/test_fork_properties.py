@@ -1111,7 +1111,7 @@ def test_forked_child_never_touches_the_parents_locks(
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@settings(max_examples=150, **_SETTINGS)
+@settings(max_examples=100, **_SETTINGS)
 @given(scenario=scenarios)
 def test_forked_child_never_touches_the_parents_locks_long(
     drivers: DriverPool, tmp_path_factory: pytest.TempPathFactory, scenario: Json

@@ -43,7 +43,7 @@ def run_stress(*args: str, timeout: float) -> tuple[int, str, dict[str, int]]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_quick_chaos_run_finds_no_violation() -> None:
-    status, output, totals = run_stress("--quick", "--duration", "15", timeout=100)
+    status, output, totals = run_stress("--quick", "--duration", "10", timeout=100)
     assert status == 0, output[-8000:]
     assert totals["violations"] == 0, output[-8000:]
     assert totals["misses"] == 0, output[-8000:]
