@@ -109,12 +109,12 @@ class EarlyDiagnosis:
     recorded holder killed while its child keeps the lock is gone).
     """
 
-    __slots__ = ("_key", "_made", "_path", "_record", "_result")
+    __slots__ = ("_key", "_path", "_record", "_result")
 
     def __init__(self, path: Path, key: FileKey) -> None:
         self._path = path
         self._key = key
-        self._made = False
+        #: The record as read just before the early diagnosis (None: not made yet).
         self._record: RecordRead | None = None
         self._result: Diagnosis | None = None
 
@@ -124,9 +124,8 @@ class EarlyDiagnosis:
         return min(0.05, max(0.005, 2 * _recent_diagnosis[0]))
 
     def __call__(self) -> None:
-        if self._made:  # a wait in the queue, then one in the kernel: once is enough
+        if self._record is not None:  # a wait in the queue, then one in the kernel: once
             return
-        self._made = True
         began = time.monotonic()
         self._record = read_record_at(record_path(self._path))
         self._result = holder_of(self._path, self._key)

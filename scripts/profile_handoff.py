@@ -32,6 +32,7 @@ import fcntl
 import mmap
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -177,6 +178,32 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _hand_offs(
+    holder: Any, trials: int, idle_ms: float
+) -> tuple[dict[str, float], dict[str, dict[str, list[float]]]]:
+    """Run the hand-offs: the waiter's warm figures, and each step's times by kind (µs)."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    pack = str(holder.path.parent)
+    process = context.Process(target=_waiter, args=(pack, theirs), daemon=True)
+    process.start()
+    warm = _recv(ours)
+    after: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
+    for trial in range(trials):
+        for kind in KINDS[trial % len(KINDS) :] + KINDS[: trial % len(KINDS)]:
+            holder.acquire()
+            ours.send(kind)
+            _recv(ours)
+            time.sleep(idle_ms / 1000)  # the waiter blocks, and its caches go cold
+            released = time.monotonic()
+            holder.release()
+            for step, at in _recv(ours).items():
+                after[kind].setdefault(step, []).append((at - released) * 1e6)
+    ours.send(None)
+    process.join(DEADLINE)
+    return warm, after
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=60, help="hand-offs per kind of waiter")
@@ -187,26 +214,10 @@ def main() -> int:
     from grex_locks import PackLock
 
     scratch = tempfile.mkdtemp(prefix="grex-profile-", dir=args.dir)
-    pack = os.path.join(scratch, "pack")
-    holder = PackLock(pack)
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe()
-    process = context.Process(target=_waiter, args=(pack, theirs), daemon=True)
-    process.start()
-    warm = _recv(ours)
-    after: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
-    for trial in range(args.trials):
-        for kind in KINDS[trial % len(KINDS) :] + KINDS[: trial % len(KINDS)]:
-            holder.acquire()
-            ours.send(kind)
-            _recv(ours)
-            time.sleep(args.idle / 1000)  # the waiter is blocked by now, and goes cold
-            released = time.monotonic()
-            holder.release()
-            for step, at in _recv(ours).items():
-                after[kind].setdefault(step, []).append((at - released) * 1e6)
-    ours.send(None)
-    process.join(DEADLINE)
+    try:
+        warm, after = _hand_offs(PackLock(os.path.join(scratch, "pack")), args.trials, args.idle)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     load = os.getloadavg()[0]
     print(f"lock file on {args.dir}; 1-min load {load:.2f} on {os.cpu_count()} CPUs")
     print(f"{args.trials} hand-offs per kind, waiter idle {args.idle:.0f} ms before each")
